@@ -1,0 +1,110 @@
+"""Differentiable ops built from an engine's head_forward / head_backward.
+
+An engine (``chunked`` or ``triton_ops``) computes tempered-logit statistics tile by tile
+(``head_forward``) and, given per-row coefficients a, b, c, the gradients
+dh = dz W and dW = dz^T h for dz_j = a onehot_j + p_j (b - c (z_j - lse)) without
+storing [N, V] (``head_backward``). Every head gradient we need has that form:
+  d lp / d z   = onehot - p            ->  a = g_lp, b = -g_lp
+  d lse / d z  = p                     ->  b += g_lse
+  d H / d z    = -p (log p + H)        ->  b -= g_H H, c = g_H
+so one backward serves log-probs, logsumexp, entropy and the PPO loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _math
+from ._types import IGNORE_INDEX, LogProbs, PPOStats
+
+
+class _LogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, return_entropy, engine):
+        valid = targets != IGNORE_INDEX
+        y = torch.where(valid, targets, 0)
+        lp, lse, ent = engine.head_forward((hidden,), weight, y, valid, temperature, return_entropy)
+        lp, lse = lp[0], lse[0]
+        ent = ent[0] if return_entropy else lse.new_zeros(0)  # outputs must be tensors
+        ctx.save_for_backward(hidden, weight, y, valid, lse, ent)
+        ctx.temperature, ctx.return_entropy, ctx.engine = temperature, return_entropy, engine
+        return lp, lse, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_lse, g_ent):
+        hidden, weight, y, valid, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = dw = None
+        if need_h or need_w:
+            zero = torch.zeros_like(lse)
+            a = torch.where(valid, zero if g_lp is None else g_lp.to(lse.dtype), zero)
+            b = (zero if g_lse is None else g_lse.to(lse.dtype)) - a
+            c = None
+            if ctx.return_entropy and g_ent is not None:
+                c = g_ent.to(lse.dtype)
+                b = b - c * ent
+            dh, dw = ctx.engine.head_backward(hidden, weight, y, lse, a, b, c, ctx.temperature,
+                                              need_h, need_w)
+        return dh, dw, None, None, None, None
+
+
+def fused_logprobs(engine, hidden, weight, targets, *, temperature, return_entropy) -> LogProbs:
+    """LogProbs through ``engine``, differentiable w.r.t. hidden and weight."""
+    lp, lse, ent = _LogProbs.apply(hidden, weight, targets, float(temperature),
+                                   bool(return_entropy), engine)
+    return LogProbs(lp, lse, ent if return_entropy else None)
+
+
+class _PPOLoss(torch.autograd.Function):
+    """The loss is a scalar, so its gradient w.r.t. hidden and weight is known in the
+    forward up to grad_output: compute it there (one recompute of the logits instead of
+    two) and only scale it in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old_logprobs, token_advantages, mask, options,
+                engine):
+        valid = targets != IGNORE_INDEX
+        y = torch.where(valid, targets, 0)
+        want_entropy = options["return_entropy"]
+        lp, lse, ent = engine.head_forward((hidden,), weight, y, valid, options["temperature"],
+                                           want_entropy)
+        lp, lse = lp[0], lse[0]
+        loss, dlp, stats = _math.ppo_token_terms(
+            lp, old_logprobs, token_advantages, mask & valid, clip_low=options["clip_low"],
+            clip_high=options["clip_high"], normalizer=options["normalizer"],
+            ref_logprobs=options["ref_logprobs"], kl_coef=options["kl_coef"],
+            entropy=ent[0] if want_entropy else None)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = dw = None
+        if need_h or need_w:
+            dh, dw = engine.head_backward(hidden, weight, y, lse, dlp, -dlp, None,
+                                          options["temperature"], need_h, need_w)
+        ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
+        ctx.has = (dh is not None, dw is not None)
+        stats = torch.stack([
+            stats.clip_frac_low, stats.clip_frac_high, stats.approx_kl, stats.ratio_mean,
+            stats.entropy if want_entropy else torch.zeros_like(loss), stats.num_tokens])
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        saved = iter(ctx.saved_tensors)
+        dh = _scale(next(saved), grad_loss) if ctx.has[0] else None
+        dw = _scale(next(saved), grad_loss) if ctx.has[1] else None
+        return dh, dw, None, None, None, None, None, None
+
+
+def _scale(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """grad * grad_output in grad_output's precision, returned in grad's dtype."""
+    return (grad.to(grad_output.dtype) * grad_output).to(grad.dtype)
+
+
+def fused_linear_ppo_loss(engine, hidden, weight, targets, old_logprobs, token_advantages, mask,
+                          **options) -> tuple[torch.Tensor, PPOStats]:
+    """(loss, PPOStats) through ``engine``; options as in cepo_kernels.fused_linear_ppo_loss."""
+    options["temperature"] = float(options["temperature"])
+    loss, st = _PPOLoss.apply(hidden, weight, targets, old_logprobs, token_advantages, mask,
+                              options, engine)
+    return loss, PPOStats(st[0], st[1], st[2], st[3],
+                          st[4] if options["return_entropy"] else None, st[5])

@@ -1,0 +1,67 @@
+"""Per-token math shared by the fast paths (chunked PyTorch and Triton launchers).
+
+These act on [N] vectors only (never on vocabulary-sized data), so plain PyTorch is
+the right tool: they cost O(N) next to the O(N V H) head products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._types import PPOStats
+
+
+def evidence_epilogue(lp_policy, lp_pos, lp_neg, advantages, has_negative, valid, *, lam, eps_w):
+    """DESIGN.md steps 3-5: (delta, token_advantages, clipped), each [N].
+
+    delta = lp_pos - lp_neg where has_negative else lp_pos - lp_policy (RLSD fallback);
+    w = clip(exp(sign(A) delta), 1 - eps_w, 1 + eps_w); A_t = A ((1 - lam) + lam w).
+    Tokens with valid == False get delta = 0, A_t = 0, clipped = False.
+    """
+    adv = advantages.to(lp_pos.dtype)
+    delta = torch.where(has_negative, lp_pos - lp_neg, lp_pos - lp_policy)
+    raw = torch.exp(torch.sign(adv) * delta)
+    weight = raw.clamp(1.0 - eps_w, 1.0 + eps_w)
+    token_adv = adv * ((1.0 - lam) + lam * weight)
+    clipped = (raw < 1.0 - eps_w) | (raw > 1.0 + eps_w)
+    zero = torch.zeros_like(delta)
+    return torch.where(valid, delta, zero), torch.where(valid, token_adv, zero), clipped & valid
+
+
+def ppo_token_terms(lp, old_logprobs, token_advantages, keep, *, clip_low, clip_high,
+                    normalizer, ref_logprobs=None, kl_coef=0.0, entropy=None):
+    """Loss, d loss / d lp and stats of the token-mean PPO clipped surrogate.
+
+    lp, old_logprobs, token_advantages: [N]; keep: [N] bool (mask and valid target).
+    Returns (loss 0-dim, dlp [N], PPOStats). The gradient through min(r A, clip(r) A)
+    is r A where the unclipped branch is active (A >= 0: r <= 1 + clip_high;
+    A < 0: r >= 1 - clip_low) and 0 elsewhere; the k3 KL adds kl_coef (1 - exp(ref - lp)).
+    """
+    acc = lp.dtype
+    m = keep.to(acc)
+    adv = token_advantages.to(acc)
+    ratio = torch.exp(lp - old_logprobs.to(acc))
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    per_token = -torch.minimum(surr1, surr2)
+    active = torch.where(adv >= 0, ratio <= 1.0 + clip_high, ratio >= 1.0 - clip_low)
+    dper = -torch.where(active, surr1, torch.zeros_like(surr1))
+    if ref_logprobs is not None and kl_coef:
+        ref_ratio = torch.exp(ref_logprobs.to(acc) - lp)
+        per_token = per_token + kl_coef * (ref_ratio - (ref_logprobs.to(acc) - lp) - 1.0)
+        dper = dper + kl_coef * (1.0 - ref_ratio)
+    count = m.sum()
+    denom = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(
+        float(normalizer), dtype=acc, device=lp.device)
+    loss = (per_token * m).sum() / denom
+    dlp = dper * m / denom
+    n = count.clamp(min=1.0)
+    stats = PPOStats(
+        clip_frac_low=(((adv < 0) & (ratio < 1.0 - clip_low)).to(acc) * m).sum() / n,
+        clip_frac_high=(((adv > 0) & (ratio > 1.0 + clip_high)).to(acc) * m).sum() / n,
+        approx_kl=(((ratio - 1.0) - (lp - old_logprobs.to(acc))) * m).sum() / n,
+        ratio_mean=(ratio * m).sum() / n,
+        entropy=(entropy * m).sum() / n if entropy is not None else None,
+        num_tokens=count,
+    )
+    return loss, dlp, stats

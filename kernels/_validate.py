@@ -1,0 +1,84 @@
+"""Argument checks shared by every implementation: a ValueError that names the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._types import IGNORE_INDEX
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _fail(name: str, problem: str, fix: str = "") -> None:
+    raise ValueError(f"cepo_kernels: argument '{name}' {problem}" + (f"; {fix}" if fix else ""))
+
+
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               temperature: float, *, hidden_name: str = "hidden") -> None:
+    """Check hidden [N, H], weight [V, H], targets [N] int64 in [0, V) or IGNORE_INDEX."""
+    for name, t in ((hidden_name, hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            _fail(name, f"must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() != 2:
+        _fail(hidden_name, f"must be 2-D [N, H], got shape {tuple(hidden.shape)}",
+              "flatten batch and sequence dims and gather response positions first")
+    if weight.dim() != 2:
+        _fail("weight", f"must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        _fail(hidden_name, f"has hidden size {hidden.shape[1]} but weight has {weight.shape[1]}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        _fail(hidden_name, f"has dtype {hidden.dtype}; expected one of float32, bfloat16, float16")
+    if weight.dtype != hidden.dtype:
+        _fail("weight", f"has dtype {weight.dtype} but {hidden_name} has {hidden.dtype}",
+              "cast both to the same dtype")
+    if targets.dtype != torch.int64:
+        _fail("targets", f"must be int64, got {targets.dtype}")
+    if targets.shape != (hidden.shape[0],):
+        _fail("targets", f"must have shape [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+    for name, t in ((hidden_name, hidden), ("targets", targets)):
+        if t.device != weight.device:
+            _fail(name, f"is on {t.device} but weight is on {weight.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        _fail("temperature", f"must be a finite number > 0, got {temperature!r}")
+    if targets.numel():
+        vocab = weight.shape[0]
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            first = int(targets[bad][0])
+            _fail("targets", f"has value {first} outside [0, {vocab}) (and not {IGNORE_INDEX})",
+                  "check the tokenizer matches the LM head")
+
+
+def check_same_rows(name: str, t: torch.Tensor, like: torch.Tensor, *, kind: str = "float") -> None:
+    """Check a per-token tensor [N] matches `like` [N, ...] in length and device; kind float|bool."""
+    if not isinstance(t, torch.Tensor):
+        _fail(name, f"must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != (like.shape[0],):
+        _fail(name, f"must have shape [N] = [{like.shape[0]}], got {tuple(t.shape)}")
+    if t.device != like.device:
+        _fail(name, f"is on {t.device} but the hidden states are on {like.device}")
+    if kind == "bool" and t.dtype != torch.bool:
+        _fail(name, f"must be a bool tensor, got {t.dtype}")
+    if kind == "float" and not t.dtype.is_floating_point:
+        _fail(name, f"must be a floating-point tensor, got {t.dtype}")
+
+
+def check_same_as(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    """Check a second hidden-state block has the shape, dtype and device of the first."""
+    if not isinstance(t, torch.Tensor):
+        _fail(name, f"must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != like.shape:
+        _fail(name, f"has shape {tuple(t.shape)} but {like_name} has {tuple(like.shape)}",
+              "all contexts must score the same response tokens")
+    if t.dtype != like.dtype:
+        _fail(name, f"has dtype {t.dtype} but {like_name} has {like.dtype}")
+    if t.device != like.device:
+        _fail(name, f"is on {t.device} but {like_name} is on {like.device}")
+
+
+def check_range(name: str, value: float, low: float, high: float) -> None:
+    """Check low <= value <= high (finite)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+        _fail(name, f"must be a number in [{low}, {high}], got {value!r}")

@@ -1,0 +1,141 @@
+"""Chunked pure-PyTorch engine: any device, never allocates [N, V].
+
+Rows are processed in chunks and the vocabulary in tiles, so the largest temporary is
+one [rows, vocab_tile] logits tile (``TILE_ELEMENTS`` elements). The logsumexp is
+accumulated online over vocabulary tiles, exactly as the Triton kernels do, and the
+backward recomputes each tile instead of storing it. Low-precision inputs (bf16, fp16)
+are upcast one tile at a time, so every product accumulates and is kept in fp32. All
+loops are sequential, so results (dW included) are deterministic.
+
+An engine provides ``head_forward`` and ``head_backward`` (the autograd wrappers in
+``_autograd`` build the differentiable ops from them) and ``contrastive_evidence``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _math
+from ._types import Evidence
+
+TILE_ELEMENTS = 1 << 22
+"""Largest logits tile, in elements (16 MiB in fp32). Lower it to trade speed for memory."""
+
+MAX_VOCAB_TILE = 1 << 15
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs (reference checks), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tiles(num_rows: int, vocab: int) -> tuple[int, int]:
+    """(rows per chunk, vocab per tile) with rows * vocab_tile <= TILE_ELEMENTS."""
+    vocab_tile = max(1, min(vocab, MAX_VOCAB_TILE, TILE_ELEMENTS))
+    rows = max(1, min(num_rows, TILE_ELEMENTS // vocab_tile))
+    return rows, vocab_tile
+
+
+def _logits_tile(h, weight, v0, v1, inv_temp, acc):
+    """[rows, v1 - v0] tempered logits in the accumulation dtype."""
+    return (h.to(acc) @ weight[v0:v1].to(acc).T).mul_(inv_temp)
+
+
+def _chunk_forward(h, weight, y, inv_temp, acc, vocab_tile, with_entropy):
+    """Online logsumexp over vocabulary tiles for one row chunk: (target logit, lse, entropy)."""
+    vocab, n = weight.shape[0], h.shape[0]
+    m = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
+    s = torch.zeros(n, dtype=acc, device=h.device)
+    t = torch.zeros(n, dtype=acc, device=h.device) if with_entropy else None
+    z_target = torch.zeros(n, dtype=acc, device=h.device)
+    for v0 in range(0, vocab, vocab_tile):
+        v1 = min(v0 + vocab_tile, vocab)
+        z = _logits_tile(h, weight, v0, v1, inv_temp, acc)
+        m_new = torch.maximum(m, z.amax(dim=1))
+        scale = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        s = s * scale + e.sum(dim=1)
+        if with_entropy:
+            t = t * scale + (e * z).sum(dim=1)
+        del e
+        in_tile = (y >= v0) & (y < v1)
+        picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0]
+        z_target = torch.where(in_tile, picked, z_target)
+        m = m_new
+    lse = m + torch.log(s)
+    return z_target, lse, (lse - t / s if with_entropy else None)
+
+
+def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
+    """Log-probs of y under each hidden block [N, H]: (lp [K, N], lse [K, N], entropy [K, N] | None).
+
+    y [N] holds valid token ids (ignored positions replaced by 0); valid [N] bool.
+    """
+    acc = acc_dtype(weight.dtype)
+    k, n, vocab = len(hiddens), y.shape[0], weight.shape[0]
+    inv_temp = 1.0 / temperature
+    rows, vocab_tile = _tiles(n, vocab)
+    lp = torch.empty(k, n, dtype=acc, device=weight.device)
+    lse = torch.empty(k, n, dtype=acc, device=weight.device)
+    ent = torch.empty(k, n, dtype=acc, device=weight.device) if with_entropy else None
+    for i, hidden in enumerate(hiddens):
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            zt, lse_c, ent_c = _chunk_forward(hidden[r0:r1], weight, y[r0:r1], inv_temp, acc,
+                                              vocab_tile, with_entropy)
+            lp[i, r0:r1] = torch.where(valid[r0:r1], zt - lse_c, torch.zeros_like(zt))
+            lse[i, r0:r1] = lse_c
+            if with_entropy:
+                ent[i, r0:r1] = ent_c
+    return lp, lse, ent
+
+
+def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
+    """(dh, dW) in the input dtypes (None where not needed) for d loss / d z_j =
+    a onehot_j + p_j (b - c (z_j - lse)), z the tempered logits, per-row a, b, c [N]
+    (c may be None). Tile by tile: dh += dz W, dW += dz^T h, never storing [N, V].
+    """
+    acc = lse.dtype
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows, vocab_tile = _tiles(n, vocab)
+    inv_temp = 1.0 / temperature
+    dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        h = hidden[r0:r1]
+        h_acc = h.to(acc)
+        dh_c = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
+        idx = torch.arange(r1 - r0, device=h.device)
+        for v0 in range(0, vocab, vocab_tile):
+            v1 = min(v0 + vocab_tile, vocab)
+            zc = _logits_tile(h, weight, v0, v1, inv_temp, acc).sub_(lse[r0:r1, None])
+            g = torch.exp(zc)
+            if c is not None:
+                g.mul_(b[r0:r1, None] - c[r0:r1, None] * zc)
+            else:
+                g.mul_(b[r0:r1, None])
+            del zc
+            yc = y[r0:r1]
+            in_tile = (yc >= v0) & (yc < v1)
+            g[idx[in_tile], yc[in_tile] - v0] += a[r0:r1][in_tile]
+            g.mul_(inv_temp)
+            if need_h:
+                dh_c.addmm_(g, weight[v0:v1].to(acc))
+            if need_w:
+                dweight[v0:v1].addmm_(g.T, h_acc)
+        if need_h:
+            dh[r0:r1] = dh_c
+    return dh, (dweight.to(weight.dtype) if need_w else None)
+
+
+def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,
+                         lam, eps_w, temperature=1.0) -> Evidence:
+    """Three-context log-probs plus the contrastive epilogue (no gradient)."""
+    with torch.no_grad():
+        valid = targets != -100
+        y = torch.where(valid, targets, 0)
+        lp, _, _ = head_forward((h_policy, h_pos, h_neg), weight, y, valid, temperature, False)
+        delta, token_adv, clipped = _math.evidence_epilogue(
+            lp[0], lp[1], lp[2], advantages, has_negative, valid, lam=lam, eps_w=eps_w)
+    return Evidence(lp[0], lp[1], lp[2], delta, token_adv, clipped)

@@ -1,0 +1,83 @@
+"""Naive reference implementations: materialise the [N, V] logits, work in float64.
+
+Used only by tests and benchmarks as the ground truth (and as the 'reference' backend).
+Every quantity is written the plain way, straight from DESIGN.md; gradients come from
+torch autograd through the float64 computation, so ``torch.autograd.gradcheck`` applies.
+Outputs are float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._math import evidence_epilogue
+from ._types import IGNORE_INDEX, Evidence, LogProbs, PPOStats
+
+
+def logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[N, V] float64 tempered logits hidden @ weight.T / temperature."""
+    return (hidden.double() @ weight.double().T) / temperature
+
+
+def fused_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False) -> LogProbs:
+    """log p(targets) [N], logsumexp [N] and optionally entropy [N], float64."""
+    z = logits(hidden, weight, temperature)
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z - lse[:, None]
+    valid = targets != IGNORE_INDEX
+    picked = logp.gather(1, torch.where(valid, targets, 0)[:, None])[:, 0]
+    lp = torch.where(valid, picked, torch.zeros_like(picked))
+    ent = -(logp.exp() * logp).sum(-1) if return_entropy else None
+    return LogProbs(lp, lse, ent)
+
+
+def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,
+                         lam, eps_w, temperature=1.0) -> Evidence:
+    """Three log-probs of the same tokens and the contrastive token advantages, float64."""
+    with torch.no_grad():
+        lps = [fused_logprobs(h, weight, targets, temperature=temperature).logprobs
+               for h in (h_policy, h_pos, h_neg)]
+        valid = targets != IGNORE_INDEX
+        delta, token_adv, clipped = evidence_epilogue(
+            *lps, advantages.double(), has_negative, valid, lam=lam, eps_w=eps_w)
+    return Evidence(*lps, delta, token_adv, clipped)
+
+
+def fused_linear_ppo_loss(hidden, weight, targets, old_logprobs, token_advantages, mask, *,
+                          clip_low=0.2, clip_high=0.28, temperature=1.0, normalizer=None,
+                          ref_logprobs=None, kl_coef=0.0, return_entropy=False):
+    """Token-mean PPO clipped surrogate (plus optional k3 KL to a reference), float64.
+
+    loss = sum_t m_t * (-min(r_t A_t, clip(r_t, 1-clip_low, 1+clip_high) A_t)
+                        + kl_coef * k3_t) / normalizer,
+    r_t = exp(lp_t - old_t), k3_t = exp(ref_t - lp_t) - (ref_t - lp_t) - 1,
+    normalizer = sum_t m_t unless given. Differentiable w.r.t. hidden and weight.
+    """
+    out = fused_logprobs(hidden, weight, targets, temperature=temperature,
+                         return_entropy=return_entropy)
+    lp = out.logprobs
+    m = (mask & (targets != IGNORE_INDEX)).double()
+    adv = token_advantages.double()
+    ratio = torch.exp(lp - old_logprobs.double())
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    per_token = -torch.minimum(surr1, surr2)
+    if ref_logprobs is not None and kl_coef:
+        d = ref_logprobs.double() - lp
+        per_token = per_token + kl_coef * (torch.exp(d) - d - 1.0)
+    count = m.sum()
+    denom = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(
+        float(normalizer), dtype=torch.float64, device=lp.device)
+    loss = (per_token * m).sum() / denom
+    with torch.no_grad():
+        n = count.clamp(min=1.0)
+        r = ratio.detach()
+        stats = PPOStats(
+            clip_frac_low=(((adv < 0) & (r < 1.0 - clip_low)).double() * m).sum() / n,
+            clip_frac_high=(((adv > 0) & (r > 1.0 + clip_high)).double() * m).sum() / n,
+            approx_kl=(((r - 1.0) - torch.log(r)) * m).sum() / n,
+            ratio_mean=(r * m).sum() / n,
+            entropy=(out.entropy.detach() * m).sum() / n if return_entropy else None,
+            num_tokens=count,
+        )
+    return loss, stats

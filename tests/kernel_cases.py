@@ -1,0 +1,53 @@
+"""Shared helpers for the kernel tests: backends to run, inputs, error measures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cepo_kernels import backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (backend, device): the chunked PyTorch engine and the Triton kernels (interpreted on
+# CPU, compiled on CUDA); CUDA cases skip without a GPU.
+ENGINES = [
+    pytest.param("torch", "cpu", id="torch-cpu"),
+    pytest.param("triton", "cpu", id="triton-interpret",
+                 marks=pytest.mark.skipif(not (backend.triton_available() and backend.interpreting()),
+                                          reason="needs triton and TRITON_INTERPRET=1")),
+    pytest.param("torch", "cuda", id="torch-cuda",
+                 marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")]),
+    pytest.param("triton", "cuda", id="triton-cuda",
+                 marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")]),
+]
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error ||a - e|| / ||e|| in float64."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values in the result"
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def head_inputs(n, h, v, dtype, device, *, seed=0, scale=1.0, ignore=(), requires_grad=False):
+    """Random hidden [n, h], weight [v, h], targets [n] (some set to -100). Never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * scale).to(dtype).to(device)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(dtype).to(device)
+    targets = torch.randint(0, v, (n,), generator=g)
+    for i in ignore:
+        if i < n:
+            targets[i] = -100
+    targets = targets.to(device)
+    if requires_grad:
+        hidden.requires_grad_(True)
+        weight.requires_grad_(True)
+    return hidden, weight, targets
+
+
+def grads(loss, *tensors):
+    """Gradients of loss w.r.t. tensors (leaves), as a list."""
+    return list(torch.autograd.grad(loss, tensors))

@@ -1,0 +1,137 @@
+"""fused_linear_ppo_loss: loss, gradients and stats against the reference and Liger-Kernel."""
+
+import pytest
+import torch
+
+import cepo_kernels as ck
+from cepo_kernels import reference
+from kernel_cases import ENGINES, TOL, grads, head_inputs, rel_err
+
+
+def ppo_inputs(n, h, v, dtype, device, seed=0):
+    hidden, weight, targets = head_inputs(n, h, v, dtype, device, seed=seed, scale=2.0,
+                                          ignore=(2,), requires_grad=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        lp = reference.fused_logprobs(hidden, weight, targets, temperature=0.9).logprobs.float().cpu()
+    # old log-probs near the current ones, some far enough to hit both clip bounds
+    old = (lp + 0.4 * torch.randn(n, generator=g)).to(device)
+    adv = torch.randn(n, generator=g).to(device)
+    mask = (torch.rand(n, generator=g) > 0.25).to(device)
+    return hidden, weight, targets, old, adv, mask
+
+
+@pytest.mark.parametrize("engine,device", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,h,v", [(1, 16, 67), (41, 24, 131)])
+@pytest.mark.parametrize("kl", [False, True], ids=["no-kl", "k3-kl"])
+def test_matches_reference(engine, device, dtype, n, h, v, kl):
+    hidden, weight, targets, old, adv, mask = ppo_inputs(n, h, v, dtype, device, seed=n)
+    if n == 1:
+        mask[:] = True
+    kw = dict(clip_low=0.2, clip_high=0.28, temperature=0.9, return_entropy=True)
+    if kl:
+        kw.update(ref_logprobs=old.flip(0), kl_coef=0.05, normalizer=float(3 * n))
+    loss, stats = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                           backend=engine, **kw)
+    ref_loss, ref_stats = reference.fused_linear_ppo_loss(hidden, weight, targets, old, adv,
+                                                          mask, **kw)
+    assert loss.dim() == 0
+    assert rel_err(loss, ref_loss) <= TOL[dtype]
+    for name in ref_stats._fields:
+        assert rel_err(getattr(stats, name), getattr(ref_stats, name)) <= TOL[dtype], name
+    g_out = grads(loss * 1.7, hidden, weight)  # grad_output != 1 is scaled correctly
+    g_ref = grads(ref_loss * 1.7, hidden, weight)
+    for got, want in zip(g_out, g_ref):
+        assert got.dtype == dtype
+        assert rel_err(got, want) <= TOL[dtype]
+
+
+def test_clip_fractions_are_exercised():
+    """The inputs above really do hit both clip bounds (else the test would prove little)."""
+    hidden, weight, targets, old, adv, mask = ppo_inputs(41, 24, 131, torch.float32, "cpu", seed=41)
+    _, stats = reference.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                               temperature=0.9)
+    assert stats.clip_frac_low > 0 and stats.clip_frac_high > 0
+
+
+@pytest.mark.parametrize("engine,device", ENGINES)
+def test_masked_tokens_contribute_nothing(engine, device):
+    hidden, weight, targets, old, adv, mask = ppo_inputs(23, 16, 77, torch.float32, device)
+    loss, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, backend=engine)
+    g_h, g_w = grads(loss, hidden, weight)
+    # change everything about the masked tokens: nothing may move
+    old2, adv2 = old.clone(), adv.clone()
+    old2[~mask] += 3.0
+    adv2[~mask] *= -5.0
+    loss2, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old2, adv2, mask, backend=engine)
+    g_h2, g_w2 = grads(loss2, hidden, weight)
+    assert torch.equal(loss, loss2)
+    assert (g_h[~mask] == 0).all()
+    torch.testing.assert_close(g_w, g_w2)
+
+
+@pytest.mark.parametrize("engine,device", ENGINES)
+def test_all_masked_and_empty(engine, device):
+    hidden, weight, targets, old, adv, mask = ppo_inputs(5, 16, 33, torch.float32, device)
+    loss, stats = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask & False,
+                                           backend=engine)
+    assert loss.item() == 0.0 and stats.num_tokens.item() == 0
+    g_h, g_w = grads(loss, hidden, weight)
+    assert (g_h == 0).all() and (g_w == 0).all()
+    e = torch.zeros(0, device=device)
+    loss0, _ = ck.fused_linear_ppo_loss(hidden[:0], weight, targets[:0], e, e,
+                                        mask[:0], backend=engine)
+    assert loss0.item() == 0.0
+
+
+def test_normalizer_splits_a_batch_into_micro_batches():
+    """Micro-batches with the global token count as normalizer add up to the full-batch loss."""
+    hidden, weight, targets, old, adv, mask = ppo_inputs(40, 16, 61, torch.float32, "cpu")
+    full, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, backend="torch")
+    g_full = grads(full, hidden, weight)
+    total = float((mask & (targets != -100)).sum())  # the kept tokens of the whole batch
+    parts = [ck.fused_linear_ppo_loss(hidden[s], weight, targets[s], old[s], adv[s], mask[s],
+                                      normalizer=total, backend="torch")[0]
+             for s in (slice(0, 13), slice(13, 40))]
+    g_parts = grads(sum(parts), hidden, weight)
+    torch.testing.assert_close(sum(parts), full)
+    for a, b in zip(g_parts, g_full):
+        torch.testing.assert_close(a, b)
+
+
+def test_against_liger_grpo_loss():
+    """Same semantics as Liger's chunked GRPO loss with loss_type='dapo' (token mean over
+    the batch), no KL, same clip range and temperature: loss and both gradients agree."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    torch.manual_seed(0)
+    b, t, h, v = 3, 9, 16, 70
+    x = torch.randn(b, t, h, requires_grad=True)
+    w = (torch.randn(v, h) / 4).requires_grad_(True)
+    ids = torch.randint(0, v, (b, t))
+    attn = torch.ones(b, t)
+    attn[0, 6:] = 0
+    attn[2, 2:] = 0
+    adv = torch.randn(b)
+    old = torch.randn(b, t) * 0.3 - 4.0
+    loss_fn = liger.LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False,
+                                             epsilon_low=0.2, epsilon_high=0.28,
+                                             loss_type="dapo", temperature=0.9)
+    liger_loss = loss_fn(x, w, ids, attn, adv, old_per_token_logps=old)[0]
+    ours, _ = ck.fused_linear_ppo_loss(
+        x.reshape(-1, h), w, ids.reshape(-1), old.reshape(-1), adv[:, None].expand(b, t).reshape(-1),
+        attn.bool().reshape(-1), clip_low=0.2, clip_high=0.28, temperature=0.9, backend="torch")
+    torch.testing.assert_close(ours, liger_loss, rtol=1e-5, atol=1e-6)
+    for a, e in zip(grads(ours, x, w), grads(liger_loss, x, w)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_gradcheck_chunked_float64():
+    hidden, weight, targets, old, adv, mask = ppo_inputs(7, 5, 11, torch.float64, "cpu")
+    old, adv = old.double(), adv.double()
+    for engine in ("reference", "torch"):
+        def f(h, w):
+            return ck.fused_linear_ppo_loss(h, w, targets, old, adv, mask, temperature=0.8,
+                                            ref_logprobs=old - 0.1, kl_coef=0.1,
+                                            backend=engine)[0]
+        assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-7)

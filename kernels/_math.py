@@ -33,11 +33,14 @@ def ppo_token_terms(lp, old_logprobs, token_advantages, keep, *, clip_low, clip_
     """Loss, d loss / d lp and stats of the token-mean PPO clipped surrogate.
 
     lp, old_logprobs, token_advantages: [N]; keep: [N] bool (mask and valid target).
+    old_logprobs None means on-policy: old = lp (r = 1, gradient A where kept).
     Returns (loss 0-dim, dlp [N], PPOStats). The gradient through min(r A, clip(r) A)
     is r A where the unclipped branch is active (A >= 0: r <= 1 + clip_high;
     A < 0: r >= 1 - clip_low) and 0 elsewhere; the k3 KL adds kl_coef (1 - exp(ref - lp)).
     """
     acc = lp.dtype
+    if old_logprobs is None:
+        old_logprobs = lp.detach()
     m = keep.to(acc)
     adv = token_advantages.to(acc)
     ratio = torch.exp(lp - old_logprobs.to(acc))

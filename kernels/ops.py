@@ -70,7 +70,7 @@ def contrastive_evidence(h_policy: torch.Tensor, h_pos: torch.Tensor, h_neg: tor
 
 
 def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          old_logprobs: torch.Tensor, token_advantages: torch.Tensor,
+                          old_logprobs: torch.Tensor | None, token_advantages: torch.Tensor,
                           mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.28,
                           temperature: float = 1.0, normalizer: float | None = None,
                           ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
@@ -79,7 +79,9 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """Token-mean PPO clipped surrogate through the LM head, with its backward fused.
 
     hidden [N, H], weight [V, H], targets [N] int64; old_logprobs [N] (log-probs under the
-    policy that sampled, at the same temperature), token_advantages [N], mask [N] bool
+    policy that sampled, at the same temperature), or None for the on-policy case (one
+    update per rollout batch: old = the current log-probs, detached, so r = 1 and no
+    separate pass is needed), token_advantages [N], mask [N] bool
     (False, or target -100, contributes nothing). loss = sum_t m_t * -min(r_t A_t,
     clip(r_t, 1 - clip_low, 1 + clip_high) A_t) / normalizer with r_t = exp(lp_t - old_t);
     normalizer defaults to the number of kept tokens (pass the global token count when
@@ -89,7 +91,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     computed in the forward pass without storing [N, V]; backward scales them.
     """
     _validate.check_head(hidden, weight, targets, temperature)
-    _validate.check_same_rows("old_logprobs", old_logprobs, hidden)
+    if old_logprobs is not None:
+        _validate.check_same_rows("old_logprobs", old_logprobs, hidden)
     _validate.check_same_rows("token_advantages", token_advantages, hidden)
     _validate.check_same_rows("mask", mask, hidden, kind="bool")
     if ref_logprobs is not None:

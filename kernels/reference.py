@@ -58,7 +58,8 @@ def fused_linear_ppo_loss(hidden, weight, targets, old_logprobs, token_advantage
     lp = out.logprobs
     m = (mask & (targets != IGNORE_INDEX)).double()
     adv = token_advantages.double()
-    ratio = torch.exp(lp - old_logprobs.double())
+    old = lp.detach() if old_logprobs is None else old_logprobs.double()  # None: on-policy
+    ratio = torch.exp(lp - old)
     surr1 = ratio * adv
     surr2 = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -torch.minimum(surr1, surr2)

@@ -135,3 +135,18 @@ def test_gradcheck_chunked_float64():
                                             ref_logprobs=old - 0.1, kl_coef=0.1,
                                             backend=engine)[0]
         assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("engine,device", ENGINES)
+def test_on_policy_old_logprobs_none(engine, device):
+    """old_logprobs=None (one update per batch) equals passing the current log-probs."""
+    hidden, weight, targets, _, adv, mask = ppo_inputs(19, 16, 53, torch.float32, device)
+    with torch.no_grad():
+        lp = ck.fused_logprobs(hidden, weight, targets, backend=engine).logprobs
+    loss, stats = ck.fused_linear_ppo_loss(hidden, weight, targets, None, adv, mask, backend=engine)
+    loss2, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, lp, adv, mask, backend=engine)
+    ref, _ = reference.fused_linear_ppo_loss(hidden, weight, targets, None, adv, mask)
+    torch.testing.assert_close(loss, loss2)
+    assert rel_err(loss, ref) <= 1e-5 and stats.ratio_mean.item() == pytest.approx(1.0)
+    for a, b in zip(grads(loss, hidden, weight), grads(ref, hidden, weight)):
+        assert rel_err(a, b) <= 1e-5

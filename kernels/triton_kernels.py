@@ -43,8 +43,9 @@ def _online_update(z, cols, col_ok, y, m, s, t, z_target, WITH_ENTROPY: tl.const
 
 @triton.jit
 def _load_tile(ptr, rows, row_ok, stride, ds, d_ok, UPCAST: tl.constexpr):
-    x = tl.load(ptr + rows[:, None] * stride + ds[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    # int64 row offsets: V x H exceeds 2^31 elements for the largest heads
+    x = tl.load(ptr + rows.to(tl.int64)[:, None] * stride + ds[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -176,7 +177,7 @@ def logprob_fwd_kernel(
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
             # the weight tile, transposed [BLOCK_D, BLOCK_V]: loaded once for all K contexts
-            wt = tl.load(w_ptr + cols[None, :] * stride_w + ds[:, None],
+            wt = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_w + ds[:, None],
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:
                 wt = wt.to(tl.float32)
@@ -257,7 +258,7 @@ def logprob_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
-        wt = tl.load(w_ptr + cols[None, :] * stride_w + ds[:, None],
+        wt = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_w + ds[:, None],
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         if UPCAST:
             wt = wt.to(tl.float32)
@@ -287,10 +288,10 @@ def logprob_bwd_kernel(
         if COMPUTE_DH:
             w = _load_tile(w_ptr, cols, col_ok, stride_w, ds, d_ok, UPCAST)
             dh = tl.dot(g, w, input_precision="ieee")
-            tl.atomic_add(dh_ptr + rows[:, None] * stride_dh + ds[None, :], dh,
+            tl.atomic_add(dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + ds[None, :], dh,
                           mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
         if COMPUTE_DW:
             h = _load_tile(h_ptr, rows, row_ok, stride_h, ds, d_ok, UPCAST)
             dw = tl.dot(tl.trans(g), h, input_precision="ieee")
-            tl.atomic_add(dw_ptr + cols[:, None] * stride_dw + ds[None, :], dw,
+            tl.atomic_add(dw_ptr + cols.to(tl.int64)[:, None] * stride_dw + ds[None, :], dw,
                           mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")

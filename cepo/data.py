@@ -1,0 +1,106 @@
+"""Prompt/answer datasets: JSONL, Parquet, saved Hugging Face datasets, or a dataset name.
+
+Every bad row is reported with where it came from (file and line, or dataset index) and
+which field is missing, then skipped or turned into an error (``on_bad_row``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One prompt with its ground-truth answer; ``source`` says where it came from."""
+
+    prompt: str
+    answer: str
+    source: str
+
+
+def _field(row: dict, name: str):
+    value = row
+    for part in name.split("."):  # dotted paths reach into nested dicts
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _rows(path: str, split: str):
+    """(source, row-or-error) pairs from a file, a saved dataset dir, or a dataset name."""
+    if os.path.isfile(path):
+        if path.endswith((".jsonl", ".json")):
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{line_no}"
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield where, f"malformed JSON ({e.msg})"
+                        continue
+                    yield where, row if isinstance(row, dict) else "not a JSON object"
+            return
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            for i, row in enumerate(pq.read_table(path).to_pylist()):
+                yield f"{path}[row {i}]", row
+            return
+        raise ValueError(f"data: cannot read {path!r}: unknown extension (use .jsonl, .json, "
+                         ".parquet, or a directory saved with datasets.save_to_disk)")
+    import datasets
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"data: {path!r} has splits {list(ds)}, not {split!r}")
+            ds = ds[split]
+        name = path
+    else:
+        if os.sep in path or path.startswith("."):
+            raise FileNotFoundError(f"data: no file or directory at {path!r}")
+        try:
+            ds = datasets.load_dataset(path, split=split)
+        except Exception as e:
+            raise ValueError(f"data: could not load Hugging Face dataset {path!r} (split {split!r}): "
+                             f"{e}. Offline machines need a local file or a saved dataset dir") from e
+        name = path
+    for i, row in enumerate(ds):
+        yield f"{name}[{i}]", row
+
+
+def load_examples(path_or_name: str, *, prompt_field: str = "prompt", answer_field: str = "answer",
+                  split: str = "train", on_bad_row: str = "skip") -> list[Example]:
+    """Load {prompt, answer} examples; bad rows are skipped with a warning or raise."""
+    if on_bad_row not in ("skip", "error"):
+        raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
+    examples, bad = [], []
+    for where, row in _rows(path_or_name, split):
+        if isinstance(row, str):
+            bad.append(f"{where}: {row}")
+            continue
+        prompt, answer = _field(row, prompt_field), _field(row, answer_field)
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            bad.append(f"{where}: missing or empty field '{prompt_field}'")
+            continue
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            bad.append(f"{where}: missing or empty field '{answer_field}'")
+            continue
+        examples.append(Example(str(prompt), str(answer).strip(), where))
+    if bad:
+        listing = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        if on_bad_row == "error":
+            raise ValueError(f"data: {len(bad)} bad row(s) in {path_or_name!r}:\n  {listing}\n"
+                             "fix them, or pass --on_bad_row skip")
+        log.warning("data: skipped %d bad row(s) in %s:\n  %s", len(bad), path_or_name, listing)
+    if not examples:
+        raise ValueError(f"data: no usable rows in {path_or_name!r} (fields '{prompt_field}', "
+                         f"'{answer_field}'); set --prompt_field / --answer_field")
+    return examples

@@ -1,0 +1,62 @@
+"""A tiny random causal LM with a local character-level tokenizer, saved like a hub checkpoint.
+
+Tests use it to run the trainer end to end without downloading anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHARS = list("0123456789+-*/=()., \n\\{}abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:?")
+SPECIALS = ["<pad>", "<eos>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+                 "{% else %}{{ m['content'] }}<eos>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer(path: Path):
+    """A PreTrainedTokenizerFast over single characters plus chat special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   additional_special_tokens=["<|user|>", "<|assistant|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_tiny_model_dir(path: Path, *, arch: str = "qwen3", seed: int = 0, hidden: int = 32,
+                        layers: int = 2) -> Path:
+    """Save a random tiny model (safetensors) + tokenizer + generation config to ``path``."""
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(path)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    if arch == "qwen3":
+        config = transformers.Qwen3Config(head_dim=hidden // 4, tie_word_embeddings=True, **common)
+        cls = transformers.Qwen3ForCausalLM
+    elif arch == "llama":
+        config = transformers.LlamaConfig(tie_word_embeddings=False, **common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "tiny_lm.json").write_text(json.dumps({"arch": arch, "seed": seed}))
+    return path

@@ -10,8 +10,8 @@ from pathlib import Path
 class MetricsLogger:
     """Writes one JSON object per step to ``output_dir/metrics.jsonl`` (main rank only).
 
-    On resume the file is truncated to the steps before the resumed step, so the log
-    never holds the same step twice.
+    On resume from a checkpoint taken after step k, rows of later steps (written after
+    that checkpoint) are dropped, so the log never holds the same step twice.
     """
 
     def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool = False,
@@ -24,7 +24,7 @@ class MetricsLogger:
             return
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:

@@ -90,7 +90,7 @@ def test_metrics_log_resume_and_plot(tmp_path):
         logger.log(step, {"reward_mean": step / 10, "accuracy": torch.tensor(0.5), "lambda": 0.1})
     logger.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
-    MetricsLogger(tmp_path, enabled=True, resume_step=3).close()  # resuming at step 3
+    MetricsLogger(tmp_path, enabled=True, resume_step=2).close()  # checkpoint after step 2
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     png = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     assert png.stat().st_size > 1000

@@ -1,0 +1,126 @@
+"""The trainable policy: a Hugging Face causal LM (optionally LoRA) sharded with FSDP2,
+whose LM head is applied by the fused kernels of ``cepo_kernels``.
+
+The root module is ``FusedHeadPolicy``: its forward runs the decoder body on a packed,
+padding-free row, gathers the hidden states that predict response tokens, and either
+returns them (teacher / policy scoring) or applies the fused PPO loss. The loss lives
+inside the root forward so that FSDP2's hooks manage the LM head weight (tied or not)
+like any other parameter: unsharded for the forward, gradient reduce-scattered after
+the backward. Full-vocabulary logits are never formed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+import cepo_kernels as ck
+from cepo import model as hf_model_utils
+from cepo.packing import PackedBatch
+
+
+class FusedHeadPolicy(nn.Module):
+    """Root module: HF causal LM body + fused head. ``self.lm`` may be a peft model."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def base(self) -> nn.Module:
+        """The plain Hugging Face causal LM (below any peft wrapper)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def head_weight(self) -> torch.Tensor:
+        return hf_model_utils.lm_head_weight(self.base)
+
+    def forward(self, batch: PackedBatch, index: torch.Tensor, targets: torch.Tensor | None = None,
+                ppo: dict | None = None):
+        """hidden [M, H] at ``index`` (rows predicting response tokens), or, with ``ppo``
+        (keyword arguments of fused_linear_ppo_loss besides hidden/weight/targets),
+        (loss, PPOStats) of those tokens."""
+        hidden = hf_model_utils.body_hidden_states(hf_model_utils.decoder_body(self.base), batch)
+        if not torch.isfinite(hidden).all():
+            raise FloatingPointError(
+                "non-finite hidden states from the decoder body: the model diverged or its "
+                "weights are corrupt; lower lr, check the checkpoint, or use float32")
+        h = hidden[index]
+        if ppo is None:
+            return h
+        return ck.fused_linear_ppo_loss(h, self.head_weight(), targets, **ppo)
+
+
+def decoder_layers(base: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a Hugging Face causal LM (each gets its own FSDP2 unit)."""
+    body = hf_model_utils.decoder_body(base)
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise ValueError(f"model: cannot find decoder layers on {type(body).__name__}")
+    return list(layers)
+
+
+def shard(policy: FusedHeadPolicy, device: torch.device, *, bf16: bool, cpu_offload: bool):
+    """FSDP2: fully_shard each decoder block, then the root (embeddings, norm, head).
+
+    bf16 parameters with fp32 gradient reduction when ``bf16`` (the CUDA default); fp32
+    otherwise. Works for a world of one too, so one code path serves every launch.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kwargs = dict(mesh=mesh)
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                   reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(policy.base):
+        fully_shard(layer, **kwargs)
+    fully_shard(policy, **kwargs)
+    return policy
+
+
+def apply_lora(lm: nn.Module, rank: int, alpha: int, target_modules: list[str]) -> nn.Module:
+    """Wrap with a peft LoRA adapter (dropout 0: RL log-probs must be deterministic)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(lm, config)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter: DTensor.full_tensor() gathers it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def stream_full_weights(policy: FusedHeadPolicy) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, full tensor) pairs, one parameter gathered at a time.
+
+    LoRA adapters are merged: W + B A * scaling for each adapted linear layer, so the
+    sampler receives plain weights. Every rank must iterate (gathers are collective).
+    """
+    lm = policy.lm
+    if not hasattr(lm, "get_base_model"):
+        for name, p in policy.base.named_parameters():
+            yield name, _full(p.detach())
+        return
+    base = lm.get_base_model()
+    modules = dict(base.named_modules())
+    for name, p in base.named_parameters():
+        if "lora_" in name:
+            continue
+        clean = name.replace(".base_layer", "")
+        weight = _full(p.detach())
+        module_name = name.rsplit(".", 2)[0] if ".base_layer." in name else None
+        module = modules.get(module_name) if module_name else None
+        if module is not None and name.endswith("base_layer.weight") and hasattr(module, "lora_A"):
+            for adapter in module.active_adapters:
+                a = _full(module.lora_A[adapter].weight.detach())
+                b = _full(module.lora_B[adapter].weight.detach())
+                weight = weight + (b.float() @ a.float()).to(weight.dtype) * module.scaling[adapter]
+        yield clean, weight

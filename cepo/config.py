@@ -107,7 +107,7 @@ class TrainConfig:
     """A user reward function module:function(response, answer) -> float replacing math-verify."""
 
     # --- optimisation ----------------------------------------------------------------
-    steps: int = 30
+    steps: int = 50
     """Training steps (one rollout batch each)."""
     lr: float = 2e-4
     """Peak learning rate (AdamW). Paper: 5e-6 (CEPO) for billion-parameter models."""

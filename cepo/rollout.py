@@ -90,3 +90,48 @@ def sample_groups(examples: list[Example], seeds: list[int], *, tokenizer, sampl
         wrong = [choose_wrong_answers([group], wrong_answer_strategy, random.Random(seed))[0]
                  for group, seed in zip(groups, seeds)]
     return Groups(examples, rollouts, wrong)
+
+
+@dataclass
+class TrainItem:
+    """One rollout that carries signal (A != 0), with its three contexts, ready to train."""
+
+    policy_ids: list[int]
+    pos_ids: list[int] | None     # correct-answer teacher context (None: no teacher pass)
+    neg_ids: list[int] | None     # wrong-answer teacher context (None: RLSD fallback)
+    response_ids: list[int]
+    advantage: float
+    correct: bool
+
+
+def train_items(groups: Groups, *, tokenizer, with_teachers: bool, algo: str,
+                hint_template: str) -> list[TrainItem]:
+    """The rollouts with A != 0 and a non-empty response; the rest carry no gradient and
+    skip every later pass (teacher contexts included)."""
+    from cepo.contexts import build_contexts
+
+    keep = [r for r in groups.rollouts if r.advantage != 0.0 and r.response_ids]
+    pos = neg = None
+    if with_teachers and keep:
+        wrong = groups.wrong_answers if algo == "cepo" else [None] * len(groups.examples)
+        _, pos, neg = build_contexts(tokenizer, [e.prompt for e in groups.examples],
+                                     [e.answer for e in groups.examples], wrong, hint_template)
+    return [TrainItem(r.prompt_ids, pos[r.group] if pos else None, neg[r.group] if neg else None,
+                      r.response_ids, r.advantage, r.correct) for r in keep]
+
+
+def balance_items(items: list[TrainItem], rank: int, world_size: int) -> list[TrainItem]:
+    """Redistribute the train items of all ranks so each rank gets about the same number
+    of tokens (context + response). Collective; a no-op for a world of one. The result
+    does not depend on which rank sampled what, so the update equals a 1-process one."""
+    if world_size == 1:
+        return items
+    import torch.distributed as dist
+
+    from cepo.packing import balance_across_ranks
+
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, items)
+    everything = [item for part in gathered for item in part]
+    lengths = [len(i.policy_ids) + len(i.response_ids) for i in everything]
+    return [everything[k] for k in balance_across_ranks(lengths, world_size)[rank]]

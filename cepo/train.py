@@ -24,11 +24,11 @@ import cepo_kernels as ck
 from cepo import distributed as dist_utils
 from cepo.algorithms import lambda_at
 from cepo.config import BUILTIN_TASK, TrainConfig, parse_config
-from cepo.contexts import build_contexts, render_prompt
+from cepo.contexts import render_prompt
 from cepo.data import Example, load_examples
 from cepo.metrics import MetricsLogger, plot_training_curves
 from cepo.policy import FusedHeadPolicy, apply_lora, shard, stream_full_weights
-from cepo.rollout import sample_groups
+from cepo.rollout import balance_items, sample_groups, train_items
 from cepo.sampler import SamplingParams
 from cepo.step import Responses, evidence, policy_logprobs, ppo_update
 
@@ -206,34 +206,30 @@ def train_step(step, cfg, ctx) -> dict:
     errors = verifier_stats.get("error", 0) - stats_before.get("error", 0)
 
     rollouts = groups.rollouts
-    active = [i for i, r in enumerate(rollouts) if r.advantage != 0.0 and r.response_ids]
-    resp = Responses.of([rollouts[i].response_ids for i in active])
-    policy_ctx = [rollouts[i].prompt_ids for i in active]
-    seq_adv = torch.tensor([rollouts[i].advantage for i in active], dtype=torch.float32)
-    lengths = torch.tensor([len(ids) for ids in resp.response_ids], dtype=torch.long)
-    token_seq_adv = torch.repeat_interleave(seq_adv, lengths) if active else torch.zeros(0)
-    correct_tok = torch.repeat_interleave(
-        torch.tensor([rollouts[i].correct for i in active], dtype=torch.bool), lengths) \
-        if active else torch.zeros(0, dtype=torch.bool)
+    use_teachers = cfg.algo != "grpo" and lam > 0.0
+    items = train_items(groups, tokenizer=tokenizer, with_teachers=use_teachers, algo=cfg.algo,
+                        hint_template=cfg.hint_template)
+    items = balance_items(items, info.rank, info.world_size)
+    resp = Responses.of([it.response_ids for it in items])
+    policy_ctx = [it.policy_ids for it in items]
+    lengths = torch.tensor([len(it.response_ids) for it in items], dtype=torch.long)
+
+    def per_token(values, dtype):
+        return torch.repeat_interleave(torch.tensor(values, dtype=dtype), lengths)
+
+    token_seq_adv = per_token([it.advantage for it in items], torch.float32)
+    correct_tok = per_token([it.correct for it in items], torch.bool)
 
     t0 = time.perf_counter()
     token_adv, old_lp, ev = token_seq_adv, None, None
-    use_teachers = cfg.algo != "grpo" and lam > 0.0
-    global_active = dist_utils.all_reduce_sum([float(len(active))], device)[0]
+    global_active = dist_utils.all_reduce_sum([float(len(items))], device)[0]
     if use_teachers and global_active > 0:
-        pol_ids, pos_ids, neg_ids = build_contexts(
-            tokenizer, [ex.prompt for ex in groups.examples], [ex.answer for ex in groups.examples],
-            groups.wrong_answers if cfg.algo == "cepo" else [None] * len(groups.examples),
-            cfg.hint_template)
-        g_of = [rollouts[i].group for i in active]
-        pos_ctx = [pos_ids[g] for g in g_of]
-        neg_ctx = [neg_ids[g] if neg_ids[g] is not None else pol_ids[g] for g in g_of]
-        has_neg = torch.repeat_interleave(
-            torch.tensor([neg_ids[g] is not None for g in g_of], dtype=torch.bool), lengths) \
-            if active else torch.zeros(0, dtype=torch.bool)
-        ev = evidence(policy, policy_ctx, pos_ctx, neg_ctx, resp, token_seq_adv, has_neg, lam=lam,
-                      eps_w=cfg.eps_w, temperature=cfg.temperature,
-                      token_budget=cfg.token_budget, pad_id=pad_id, device=device)
+        neg_ctx = [it.neg_ids if it.neg_ids is not None else it.policy_ids for it in items]
+        has_neg = per_token([it.neg_ids is not None for it in items], torch.bool)
+        ev = evidence(policy, policy_ctx, [it.pos_ids for it in items], neg_ctx, resp,
+                      token_seq_adv, has_neg, lam=lam, eps_w=cfg.eps_w,
+                      temperature=cfg.temperature, token_budget=cfg.token_budget, pad_id=pad_id,
+                      device=device)
         token_adv = ev.token_advantages
         if cfg.mini_batches > 1:
             old_lp = ev.lp_policy
@@ -252,8 +248,8 @@ def train_step(step, cfg, ctx) -> dict:
     grad_norm = 0.0
     optimizer, scheduler = ctx["optimizer"], ctx["scheduler"]
     if global_active > 0:
-        chunks = [active_ids.tolist() for active_ids in
-                  torch.arange(len(active)).chunk(cfg.mini_batches)] if active else []
+        chunks = [c.tolist() for c in torch.arange(len(items)).chunk(cfg.mini_batches)] \
+            if items else []
         for k in range(cfg.mini_batches):
             members = chunks[k] if k < len(chunks) else []
             n_local = float(sum(len(resp.response_ids[i]) for i in members))
@@ -287,7 +283,7 @@ def train_step(step, cfg, ctx) -> dict:
         "correct": float(sum(r.correct for r in rollouts)),
         "response_tokens": float(sum(len(r.response_ids) for r in rollouts)),
         "truncated": float(sum(r.truncated for r in rollouts)),
-        "skipped": n_roll - len(active),
+        "skipped": n_roll - sum(r.advantage != 0.0 and bool(r.response_ids) for r in rollouts),
         "timeouts": float(timeouts),
         "verifier_errors": float(errors),
         "groups_with_negative": float(sum(w is not None for w in groups.wrong_answers)),

@@ -91,10 +91,11 @@ def test_resume_continues_exactly(tiny, tmp_path):
 
 
 def test_lora_kl_and_mini_batches_two_processes(tiny, tmp_path):
-    """LoRA under FSDP2 with a KL reference and two mini-batches; the export is merged."""
+    """LoRA under FSDP2 with activation checkpointing, a KL reference and two mini-batches;
+    the export is merged."""
     run_train(tmp_path / "lora", tiny, "--lora_rank", "4", "--lora_alpha", "8",
               "--lora_target_modules", "[q_proj,v_proj]", "--kl_coef", "0.1",
-              "--mini_batches", "2", "--lr", "0.01", nproc=2)
+              "--mini_batches", "2", "--lr", "0.01", "--gradient_checkpointing", "true", nproc=2)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "export")
     assert not any("lora" in n for n, _ in model.named_parameters())

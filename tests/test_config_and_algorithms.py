@@ -94,3 +94,15 @@ def test_metrics_log_resume_and_plot(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     png = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     assert png.stat().st_size > 1000
+
+
+def test_tensorboard_and_wandb_options(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    logger.log(1, {"reward_mean": 0.5})
+    logger.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="wandb"):
+            MetricsLogger(tmp_path, enabled=True, wandb_project="p")

@@ -16,8 +16,8 @@ OPS = "+-*"
 SPLITS = ("train", "test")
 
 
-def _split_of(expr: str) -> str:
-    """test for ~20% of all problems, train for the rest: a pure function of the text."""
+def split_of(expr: str) -> str:
+    """"test" for ~20% of all problems, "train" for the rest: a pure function of the text."""
     h = int(hashlib.sha256(expr.encode()).hexdigest()[:8], 16)
     return "test" if h % 5 == 0 else "train"
 
@@ -55,11 +55,18 @@ def make_example(expr: str, steps: list[str], value: int) -> dict:
 
 
 def make_split(split: str, n: int, seed: int) -> list[dict]:
-    """n distinct problems of one split, deterministic for a seed."""
+    """n distinct problems of one split (a list of {"prompt", "answer", "solution"}).
+
+    Deterministic for a given (split, n, seed); a smaller n gives a prefix of a larger
+    one. Which split a problem belongs to depends on the problem only (``split_of``), so
+    train and test never share a problem whatever the seeds.
+    """
     if split not in SPLITS:
         raise ValueError(f"make_split: split must be one of {SPLITS}, got {split!r}")
-    if not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"make_split: n must be an int >= 0, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"make_split: seed must be an int, got {seed!r}")
     rng = random.Random(f"{seed}-{split}")
     seen, rows = set(), []
     attempts = 0
@@ -68,7 +75,7 @@ def make_split(split: str, n: int, seed: int) -> list[dict]:
         if attempts > 200 * (n + 10):
             raise ValueError(f"make_split: cannot find {n} distinct {split} problems")
         expr, steps, value = random_problem(rng)
-        if expr in seen or _split_of(expr) != split:
+        if expr in seen or split_of(expr) != split:
             continue
         seen.add(expr)
         rows.append(make_example(expr, steps, value))

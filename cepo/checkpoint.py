@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -145,51 +144,24 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler=None) -> di
     return meta["trainer_state"]
 
 
-def _merged_lora_state(full: dict[str, torch.Tensor], peft_model) -> dict[str, torch.Tensor]:
-    """Plain Hugging Face weights from a full peft state dict: W + B A * scaling."""
-    prefix = "base_model.model."
-    out = {}
-    scalings = {}
-    for name, module in peft_model.named_modules():
-        if hasattr(module, "scaling") and hasattr(module, "lora_A"):
-            for adapter, s in module.scaling.items():
-                scalings[name] = s
-    for key, value in full.items():
-        if "lora_" in key:
-            continue
-        clean = key[len(prefix):] if key.startswith(prefix) else key
-        if ".base_layer." in clean:
-            module_name = key.rsplit(".base_layer.", 1)[0]
-            clean = clean.replace(".base_layer", "")
-            if key.endswith(".weight") and module_name in scalings:
-                adapter = next(iter(peft_model.peft_config))
-                a = full[f"{module_name}.lora_A.{adapter}.weight"].float()
-                b = full[f"{module_name}.lora_B.{adapter}.weight"].float()
-                value = (value.float() + (b @ a) * scalings[module_name]).to(value.dtype)
-        out[clean] = value
-    return out
-
-
 def export_hf(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True) -> Path | None:
     """Write the model in Hugging Face layout (safetensors), atomically; collective.
 
     ``model`` is the trainer's root module (``.lm`` is the HF or peft model) or an HF
-    model. The full state dict is gathered to CPU on every rank (one parameter at a
-    time by DCP's helpers) and rank 0 writes it. LoRA adapters are merged into plain
+    model. The weights are gathered one parameter at a time and kept on CPU; rank 0
+    writes them. LoRA adapters are merged into plain
     weights so ``AutoModelForCausalLM.from_pretrained(out_dir)`` gives the trained model.
     """
+    from cepo.weight_sync import iter_full_weights
+
     out_dir = Path(out_dir)
     lm = getattr(model, "lm", model)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
-    prefix = "lm." if full and all(k.startswith("lm.") for k in full) else ""
-    full = {k[len(prefix):]: v for k, v in full.items()}
     is_peft = hasattr(lm, "get_base_model")
-    if is_peft:
-        if not merge_lora:
-            raise ValueError("export_hf: merge_lora=False is not supported; export the adapter "
-                             "with peft's save_pretrained instead")
-        full = _merged_lora_state(full, lm)
+    if is_peft and not merge_lora:
+        raise ValueError("export_hf: merge_lora=False is not supported; export the adapter "
+                         "with peft's save_pretrained instead")
+    # one parameter gathered at a time (collective), kept on CPU, LoRA merged
+    full = {name: t.detach().cpu() for name, t in iter_full_weights(lm)}
     base = lm.get_base_model() if is_peft else lm
     if _rank() == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -11,8 +11,6 @@ the backward. Full-vocabulary logits are never formed.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -91,36 +89,3 @@ def apply_lora(lm: nn.Module, rank: int, alpha: int, target_modules: list[str]) 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(lm, config)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly sharded) parameter: DTensor.full_tensor() gathers it."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def stream_full_weights(policy: FusedHeadPolicy) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, full tensor) pairs, one parameter gathered at a time.
-
-    LoRA adapters are merged: W + B A * scaling for each adapted linear layer, so the
-    sampler receives plain weights. Every rank must iterate (gathers are collective).
-    """
-    lm = policy.lm
-    if not hasattr(lm, "get_base_model"):
-        for name, p in policy.base.named_parameters():
-            yield name, _full(p.detach())
-        return
-    base = lm.get_base_model()
-    modules = dict(base.named_modules())
-    for name, p in base.named_parameters():
-        if "lora_" in name:
-            continue
-        clean = name.replace(".base_layer", "")
-        weight = _full(p.detach())
-        module_name = name.rsplit(".", 2)[0] if ".base_layer." in name else None
-        module = modules.get(module_name) if module_name else None
-        if module is not None and name.endswith("base_layer.weight") and hasattr(module, "lora_A"):
-            for adapter in module.active_adapters:
-                a = _full(module.lora_A[adapter].weight.detach())
-                b = _full(module.lora_B[adapter].weight.detach())
-                weight = weight + (b.float() @ a.float()).to(weight.dtype) * module.scaling[adapter]
-        yield clean, weight

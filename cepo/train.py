@@ -27,10 +27,11 @@ from cepo.config import BUILTIN_TASK, TrainConfig, parse_config
 from cepo.contexts import render_prompt
 from cepo.data import Example, load_examples
 from cepo.metrics import MetricsLogger, plot_training_curves
-from cepo.policy import FusedHeadPolicy, apply_lora, shard, stream_full_weights
+from cepo.policy import FusedHeadPolicy, apply_lora, shard
 from cepo.rollout import balance_items, sample_groups, train_items
 from cepo.sampler import SamplingParams
 from cepo.step import Responses, evidence, policy_logprobs, ppo_update
+from cepo.weight_sync import iter_weight_buckets
 
 log = logging.getLogger("cepo")
 
@@ -119,20 +120,21 @@ def build_reference(cfg: TrainConfig, device: torch.device):
     return ref
 
 
-def build_sampler(cfg: TrainConfig, tokenizer, device: torch.device):
+def build_sampler(cfg: TrainConfig, tokenizer, info):
     """The generation engine: vLLM when asked / available on CUDA, else Hugging Face."""
-    from cepo.sampler import HFEngine
+    import importlib.util
 
-    if cfg.engine == "vllm" or (cfg.engine == "auto" and device.type == "cuda"):
-        try:
-            from cepo.sampler.vllm_engine import VLLMEngine
-            return VLLMEngine(cfg.model, tokenizer=tokenizer, seed=cfg.seed)
-        except ImportError as e:
-            if cfg.engine == "vllm":
-                raise ValueError("config: 'engine' is vllm but vLLM is not installed; "
-                                 "pip install 'cepo[vllm]'") from e
-            log.warning("vLLM is not installed: falling back to the Hugging Face generate engine")
-    return HFEngine(cfg.model, tokenizer=tokenizer, device=device,
+    from cepo.sampler import HFEngine
+    from cepo.sampler.vllm_engine import VLLMEngine, choose_engine
+
+    name, warning = choose_engine(cfg.engine, info.device.type,
+                                  importlib.util.find_spec("vllm") is not None)
+    if warning and info.is_main:
+        log.warning(warning)
+    if name == "vllm":
+        return VLLMEngine(cfg.model, tokenizer=tokenizer, seed=cfg.seed, rank=info.rank,
+                          max_model_len=None)
+    return HFEngine(cfg.model, tokenizer=tokenizer, device=info.device,
                     max_batch_size=cfg.generation_batch_size)
 
 
@@ -152,8 +154,9 @@ def build_optimizer(cfg: TrainConfig, policy):
 
 
 def sync_sampler(policy, sampler) -> None:
-    """Stream the current (merged) weights into the sampler, one gathered tensor at a time."""
-    sampler.update_weights(stream_full_weights(policy))
+    """Stream the current (LoRA-merged) weights into the sampler, one bucket at a time."""
+    for bucket in iter_weight_buckets(policy.lm):
+        sampler.update_weights(bucket)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -365,7 +368,7 @@ def run(cfg: TrainConfig) -> dict:
         state = load_checkpoint(latest, model=policy, optimizer=optimizer, scheduler=scheduler)
         start_step = int(state["step"])
         log.info("resumed from %s at step %d", latest, start_step)
-    sampler = build_sampler(cfg, tokenizer, info.device)
+    sampler = build_sampler(cfg, tokenizer, info)
     sync_sampler(policy, sampler)
     verifier = Verifier(timeout_s=cfg.verifier_timeout, num_workers=cfg.verifier_workers,
                         format_reward=cfg.format_reward, reward_fn=cfg.reward_fn)

@@ -69,6 +69,10 @@ def shard(policy: FusedHeadPolicy, device: torch.device, *, bf16: bool, cpu_offl
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    if cpu_offload and device.type != "cuda":
+        raise ValueError("config: 'cpu_offload' moves GPU parameters, gradients and optimizer "
+                         "state to CPU memory; it needs device cuda (training on CPU already "
+                         "keeps everything there)")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs = dict(mesh=mesh)
     if bf16:

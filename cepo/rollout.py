@@ -7,6 +7,7 @@ responses), so group statistics never cross ranks.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,6 +42,8 @@ class Groups:
     examples: list[Example]
     rollouts: list[Rollout]          # group-major: group g holds rollouts [g*G, (g+1)*G)
     wrong_answers: list[str | None]  # per group: the wrong-answer hint, or None (RLSD fallback)
+    generate_seconds: float = 0.0
+    score_seconds: float = 0.0
 
 
 def response_ids_with_eos(token_ids: list[int], finish_reason: str, eos_id: int | None) -> list[int]:
@@ -61,12 +64,15 @@ def sample_groups(examples: list[Example], seeds: list[int], *, tokenizer, sampl
     global position in the step), so the rollouts, and hence the whole update, do not
     depend on how prompts are divided among ranks.
     """
+    t0 = time.perf_counter()
     prompt_ids = [render_prompt(tokenizer, ex.prompt) for ex in examples]
     completions = [sampler.generate([ids], group_size, replace(params, seed=seed))[0]
                    for ids, seed in zip(prompt_ids, seeds)]
     texts = [c.text for group in completions for c in group]
     answers = [ex.answer for ex in examples for _ in range(group_size)]
+    t1 = time.perf_counter()
     scores = verifier.score(texts, answers) if texts else []
+    t2 = time.perf_counter()
     eos = tokenizer.eos_token_id
     rollouts = []
     for g, group in enumerate(completions):
@@ -89,7 +95,7 @@ def sample_groups(examples: list[Example], seeds: list[int], *, tokenizer, sampl
                   for g in range(len(examples))]
         wrong = [choose_wrong_answers([group], wrong_answer_strategy, random.Random(seed))[0]
                  for group, seed in zip(groups, seeds)]
-    return Groups(examples, rollouts, wrong)
+    return Groups(examples, rollouts, wrong, generate_seconds=t1 - t0, score_seconds=t2 - t1)
 
 
 @dataclass

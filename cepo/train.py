@@ -193,7 +193,6 @@ def train_step(step, cfg, ctx) -> dict:
                     schedule=cfg.lam_schedule)
     times = {}
 
-    t0 = time.perf_counter()
     examples, seeds = step_prompts(ctx["train"], step, cfg, info.rank, info.world_size)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_new_tokens)
@@ -203,7 +202,7 @@ def train_step(step, cfg, ctx) -> dict:
                            std_normalize=cfg.std_normalize,
                            wrong_answer_strategy=cfg.wrong_answer_strategy,
                            find_wrong_answers=cfg.algo == "cepo")
-    times["generate_score"] = time.perf_counter() - t0
+    times["generate"], times["score"] = groups.generate_seconds, groups.score_seconds
     verifier_stats = verifier.stats()
     timeouts = verifier_stats.get("timeout", 0) - stats_before.get("timeout", 0)
     errors = verifier_stats.get("error", 0) - stats_before.get("error", 0)

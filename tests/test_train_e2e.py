@@ -64,7 +64,7 @@ def test_two_processes_match_one(tiny, tmp_path, algo):
     step = [r for r in rows if "loss" in r][0]
     for key in ("reward_mean", "accuracy", "response_length", "clip_frac_low", "clip_frac_high",
                 "entropy", "lambda", "skipped_rollouts", "verifier_timeouts", "tokens_per_second",
-                "time_generate_score", "time_teacher", "time_update", "peak_memory_gb"):
+                "time_generate", "time_score", "time_teacher", "time_update", "peak_memory_gb"):
         assert key in step, key
     if algo != "grpo":
         assert "delta_abs_wrong" in step and "weight_clipped_frac" in step
@@ -119,6 +119,8 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path):
     assert proc.returncode != 0 and "no_such_option" in proc.stderr
     proc = run_train(tmp_path / "x", tmp_path / "missing-model", check=False)
     assert proc.returncode != 0 and "missing-model" in proc.stderr
+    proc = run_train(tmp_path / "x", tiny, "--cpu_offload", "true", check=False)
+    assert proc.returncode != 0 and "'cpu_offload'" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"}\n')
     proc = run_train(tmp_path / "x", tiny, "--train_data", str(bad), "--on_bad_row", "error",

@@ -79,6 +79,8 @@ class TrainConfig:
     """Problems generated for the built-in task's train split."""
     num_eval: int = 200
     """Held-out problems evaluated (built-in test split size, or the first N of eval_data)."""
+    eval_seed: int = 0
+    """Seed of the built-in test split: fixed, so runs with different seeds share one eval set."""
 
     # --- rollouts --------------------------------------------------------------------
     prompts_per_step: int = 16
@@ -133,6 +135,10 @@ class TrainConfig:
     """Continue from the newest complete checkpoint in output_dir."""
     eval_every: int = 10
     """Held-out evaluation every N steps (0: only before and after)."""
+    eval_samples: int = 0
+    """Also report mean accuracy over this many samples per problem at the training temperature (0: greedy only)."""
+    dump_evidence: bool = False
+    """Write every trained rollout's tokens, delta and token weights to evidence.jsonl (credit maps)."""
     checkpoint_every: int = 10
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2

@@ -45,7 +45,7 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
         to_ex = lambda rows, split: [Example(r["prompt"], r["answer"], f"{split}[{i}]")  # noqa: E731
                                      for i, r in enumerate(rows)]
         train = to_ex(make_split("train", cfg.num_train, cfg.seed), "arithmetic-train")
-        evals = to_ex(make_split("test", cfg.num_eval, cfg.seed), "arithmetic-test")
+        evals = to_ex(make_split("test", cfg.num_eval, cfg.eval_seed), "arithmetic-test")
         if cfg.eval_data:
             evals = _load(cfg, cfg.eval_data)[: cfg.num_eval]
         return train, evals
@@ -168,18 +168,51 @@ def peak_memory_gb(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(cfg, examples, tokenizer, sampler, verifier, info) -> float:
-    """Held-out greedy accuracy (fraction in [0, 1]) over all ranks."""
+def evaluate(cfg, examples, tokenizer, sampler, verifier, info) -> dict:
+    """Held-out accuracy over all ranks (fractions in [0, 1]): ``eval_accuracy`` (greedy)
+    and, when cfg.eval_samples > 0, ``eval_mean_at_k`` (mean over k samples at the
+    training temperature, seeded)."""
     mine = examples[info.rank::info.world_size]
-    correct = 0.0
-    if mine:
-        prompt_ids = [render_prompt(tokenizer, ex.prompt) for ex in mine]
-        params = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        outs = sampler.generate(prompt_ids, 1, params)
-        scores = verifier.score([o[0].text for o in outs], [ex.answer for ex in mine])
-        correct = float(sum(s.correct for s in scores))
-    total_correct, total = dist_utils.all_reduce_sum([correct, float(len(mine))], info.device)
-    return total_correct / max(total, 1.0)
+    prompt_ids = [render_prompt(tokenizer, ex.prompt) for ex in mine]
+    answers = [ex.answer for ex in mine]
+
+    def solved(n, params):
+        if not mine:
+            return 0.0
+        outs = sampler.generate(prompt_ids, n, params)
+        texts = [c.text for group in outs for c in group]
+        scores = verifier.score(texts, [a for a in answers for _ in range(n)])
+        return float(sum(s.correct for s in scores))
+
+    greedy = solved(1, SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+    k = cfg.eval_samples
+    sampled = solved(k, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                       max_new_tokens=cfg.max_new_tokens,
+                                       seed=cfg.seed + info.rank)) if k else 0.0
+    greedy, sampled, total = dist_utils.all_reduce_sum([greedy, sampled, float(len(mine))],
+                                                       info.device)
+    result = {"eval_accuracy": greedy / max(total, 1.0)}
+    if k:
+        result["eval_mean_at_k"] = sampled / max(total * k, 1.0)
+    return result
+
+
+def dump_evidence(path: Path, step: int, items, ev, lam: float, eps_w: float, rank: int) -> None:
+    """Append one JSON line per trained rollout: tokens, delta, token weight w_t, A."""
+    delta = ev.delta.float().cpu()
+    offset = 0
+    with path.open("a") as f:
+        for it in items:
+            n = len(it.response_ids)
+            d = delta[offset:offset + n]
+            sign = 1.0 if it.advantage > 0 else -1.0
+            w = torch.exp(sign * d).clamp(1 - eps_w, 1 + eps_w)
+            f.write(json.dumps({"step": step, "rank": rank, "advantage": it.advantage,
+                                "correct": it.correct, "has_negative": it.neg_ids is not None,
+                                "lambda": lam, "tokens": it.response_ids,
+                                "delta": [round(x, 5) for x in d.tolist()],
+                                "weight": [round(x, 5) for x in w.tolist()]}) + "\n")
+            offset += n
 
 
 # ----------------------------------------------------------------------------- one step
@@ -233,6 +266,9 @@ def train_step(step, cfg, ctx) -> dict:
                       temperature=cfg.temperature, token_budget=cfg.token_budget, pad_id=pad_id,
                       device=device)
         token_adv = ev.token_advantages
+        if cfg.dump_evidence:
+            dump_evidence(ctx["out"] / f"evidence_rank{info.rank}.jsonl", step + 1, items, ev, lam,
+                          cfg.eps_w, info.rank)
         if cfg.mini_batches > 1:
             old_lp = ev.lp_policy
     elif cfg.mini_batches > 1 and global_active > 0:
@@ -372,7 +408,7 @@ def run(cfg: TrainConfig) -> dict:
     verifier = Verifier(timeout_s=cfg.verifier_timeout, num_workers=cfg.verifier_workers,
                         format_reward=cfg.format_reward, reward_fn=cfg.reward_fn)
     ctx = dict(info=info, policy=policy, tokenizer=tokenizer, sampler=sampler, verifier=verifier,
-               train=train, optimizer=optimizer, scheduler=scheduler)
+               train=train, optimizer=optimizer, scheduler=scheduler, out=out)
     if cfg.kl_coef > 0:
         ctx["reference"] = build_reference(cfg, info.device)
     metrics_log = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.tensorboard,
@@ -382,11 +418,11 @@ def run(cfg: TrainConfig) -> dict:
     if "accuracy_before" in state:
         acc_before = state["accuracy_before"]
     else:
-        acc_before = evaluate(cfg, evals, tokenizer, sampler, verifier, info) if evals else None
+        before = evaluate(cfg, evals, tokenizer, sampler, verifier, info) if evals else {}
+        acc_before = before.get("eval_accuracy")
         if info.is_main and acc_before is not None:
             print(f"held-out accuracy before training: {acc_before:.3f} ({len(evals)} problems)")
-            metrics_log.log(0, {"eval_accuracy": acc_before})
-    last_eval = acc_before
+            metrics_log.log(0, before)
 
     progress = None
     if info.is_main and cfg.progress:
@@ -396,8 +432,7 @@ def run(cfg: TrainConfig) -> dict:
         metrics = train_step(step, cfg, ctx)
         done = step + 1
         if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            last_eval = evaluate(cfg, evals, tokenizer, sampler, verifier, info)
-            metrics["eval_accuracy"] = last_eval
+            metrics.update(evaluate(cfg, evals, tokenizer, sampler, verifier, info))
         metrics_log.log(done, metrics)
         if progress is not None:
             progress.update(1)
@@ -412,12 +447,14 @@ def run(cfg: TrainConfig) -> dict:
     if progress is not None:
         progress.close()
 
-    acc_after = evaluate(cfg, evals, tokenizer, sampler, verifier, info) if evals else None
+    after = evaluate(cfg, evals, tokenizer, sampler, verifier, info) if evals else {}
+    acc_after = after.get("eval_accuracy")
     if evals:
-        metrics_log.log(cfg.steps, {"eval_accuracy": acc_after})
+        metrics_log.log(cfg.steps, after)
     if cfg.export:
         export_hf(policy, tokenizer, out / "export")
     summary = {"algo": cfg.algo, "accuracy_before": acc_before, "accuracy_after": acc_after,
+               "mean_at_k_after": after.get("eval_mean_at_k"), "eval_samples": cfg.eval_samples,
                "steps": cfg.steps, "wall_seconds": time.perf_counter() - wall0,
                "eval_problems": len(evals), "world_size": info.world_size,
                "device": info.device.type, "output_dir": str(out)}

@@ -70,6 +70,8 @@ def score_one(response: str, answer: str, *, format_reward: float = 0.0, reward_
 
 def _worker(conn, reward_fn_spec, format_reward):
     fn = load_reward_fn(reward_fn_spec) if reward_fn_spec else None
+    import math_verify  # noqa: F401  (imports take seconds: done before saying ready)
+    conn.send("ready")
     while True:
         try:
             item = conn.recv()
@@ -94,6 +96,12 @@ class _Worker:
         self.job: int | None = None
         self.deadline = 0.0
 
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Block until the worker has imported everything: start-up never eats into an
+        item's timeout."""
+        if not self.conn.poll(timeout) or self.conn.recv() != "ready":
+            raise RuntimeError("verifier worker failed to start")
+
     def kill(self):
         self.proc.kill()
         self.proc.join(timeout=5)
@@ -113,11 +121,16 @@ class Verifier:
         self.format_reward = format_reward
         self.reward_fn = reward_fn
         self._ctx = mp.get_context("spawn")
-        self._workers = [self._spawn() for _ in range(max(1, num_workers))]
+        self._workers = [_Worker(self._ctx, reward_fn, format_reward)
+                         for _ in range(max(1, num_workers))]
+        for w in self._workers:  # started in parallel, awaited together
+            w.wait_ready()
         self._counts: Counter = Counter()
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.reward_fn, self.format_reward)
+        worker = _Worker(self._ctx, self.reward_fn, self.format_reward)
+        worker.wait_ready()
+        return worker
 
     def score(self, responses: list[str], answers: list[str]) -> list[Score]:
         """One Score per (response, answer); never blocks longer than about timeout_s per

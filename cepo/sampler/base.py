@@ -1,4 +1,10 @@
-"""The sampler interface: one small contract that the Hugging Face and vLLM engines share."""
+"""The sampler interface: one small contract that the Hugging Face and vLLM engines share.
+
+The trainer hands an engine token ids (already rendered through the chat template) and
+gets token ids back, so tokenisation happens exactly once, in the trainer. Weights go
+the other way as (Hugging Face parameter name, full tensor) pairs, the format both
+``PreTrainedModel.state_dict()`` and vLLM's ``load_weights`` speak.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,20 @@ from typing import Iterable
 
 import torch
 
+FINISH_REASONS = ("stop", "length")
+
 
 @dataclass
 class SamplingParams:
-    """How to sample. temperature 0 means greedy; top_k 0 means off; seed None: unseeded."""
+    """How to sample.
+
+    temperature: 0 means greedy decoding (top_p / top_k / seed are then irrelevant).
+    top_p: nucleus sampling mass in (0, 1]; 1 is off. top_k: 0 is off.
+    max_new_tokens: the response budget; a response that reaches it without EOS
+    finishes with reason "length". seed: the same seed reproduces the same samples for
+    the same call (same prompts, n and engine settings); None draws from the engine's
+    own random state. return_logprobs: fill ``Completion.logprobs``.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -20,15 +36,41 @@ class SamplingParams:
     seed: int | None = None
     return_logprobs: bool = False
 
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, "
+                             f"got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is argmax (temperature 0)."""
+        return self.temperature == 0
+
 
 @dataclass
 class Completion:
     """One sampled response.
 
-    token_ids: the response tokens, without the prompt and without anything after the
-    first EOS (the EOS itself is not included). finish_reason: "stop" (EOS produced) or
-    "length" (max_new_tokens reached). logprobs: per token, log-prob under the sampling
-    distribution actually used (logits / temperature, before top-p/top-k), when asked.
+    prompt_index: position of its prompt in the ``generate`` call.
+    token_ids: the response tokens, without the prompt, cut before the first EOS (the
+    EOS itself is not included; the trainer appends it back for "stop" completions).
+    text: ``token_ids`` decoded with ``skip_special_tokens=True``.
+    finish_reason: "stop" (an EOS was produced) or "length" (max_new_tokens reached
+    without EOS; then ``len(token_ids) == max_new_tokens``).
+    logprobs: when asked, one float per token of ``token_ids``: the log-probability of
+    the sampled token under the distribution it was actually drawn from, i.e.
+    ``log_softmax(logits / temperature)`` after top-k / top-p truncation (renormalised
+    over the kept tokens; vLLM's ``logprobs_mode="processed_logprobs"``). With
+    top_p = 1 and top_k = 0 this is exactly ``log_softmax(logits / T)[token]``, what the
+    trainer's kernels recompute. Greedy decoding reports ``log_softmax(logits)``.
+    Always <= 0. None when not asked.
     """
 
     prompt_index: int
@@ -39,16 +81,33 @@ class Completion:
 
 
 class Sampler(abc.ABC):
-    """Generates responses and receives new weights from the trainer."""
+    """Generates responses and receives new weights from the trainer.
+
+    Usable as a context manager (``close`` on exit). ``check_sampler_conformance`` in
+    ``cepo.sampler.conformance`` is the executable form of this contract.
+    """
 
     @abc.abstractmethod
     def generate(self, prompt_token_ids: list[list[int]], n: int,
                  params: SamplingParams) -> list[list[Completion]]:
-        """n completions per prompt: outer list per prompt, inner list of n samples."""
+        """Sample ``n`` completions for each prompt (token ids, no padding).
+
+        Returns one list per prompt, in prompt order, each holding ``n`` Completions.
+        """
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load full tensors given by Hugging Face parameter name."""
+        """Load full (unsharded) tensors, given by Hugging Face parameter name.
+
+        Names not given keep their current values (a partial update, e.g. one bucket of
+        a streamed sync). An unknown name raises ValueError naming it.
+        """
 
     def close(self) -> None:
-        """Release the engine's resources."""
+        """Release the engine's resources (model copy, KV cache). Idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

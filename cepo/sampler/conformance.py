@@ -1,57 +1,184 @@
-"""A conformance check every sampler engine must pass (HF on CPU here; vLLM on a GPU)."""
+"""A conformance check every sampler engine must pass (HF on CPU here; vLLM on a GPU).
+
+Engine-agnostic: it talks to the engine only through ``generate`` / ``update_weights``
+and learns about the model only from ``reference_state``, the Hugging Face state dict
+the engine starts from. To check that weight updates take effect it pushes weights
+that make one chosen token win at every position (``dominant_token_weights``), which
+also pins down EOS handling and prompt stripping exactly, then restores the reference.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import torch
 
-from cepo.sampler.base import Completion, SamplingParams
+from cepo.sampler.base import FINISH_REASONS, Completion, SamplingParams
+
+PROMPTS = ("1+2", "(3*4)-5", "9")
+"""User messages of the check: different lengths (left padding), none contains a '7'."""
 
 
-def check_sampler_conformance(sampler, tokenizer, *, norm_name: str = "model.norm.weight",
-                              norm_weight: torch.Tensor | None = None) -> None:
-    """Assert the interface contract on ``sampler``; raises AssertionError on a breach.
+def dominant_token_weights(reference_state: Mapping[str, torch.Tensor], token_id: int,
+                           margin: float = 50.0) -> list[tuple[str, torch.Tensor]]:
+    """A partial update after which ``token_id`` wins by ``margin`` logits everywhere.
 
-    norm_weight: the current final-norm weight [H] of the engine's model (norm_name is
-    its Hugging Face name); negating it negates every logit, so an update that took
-    effect must change greedy outputs, and restoring it must restore them.
+    For Llama / Qwen-style decoders (RMSNorm final norm, residual blocks ending in
+    ``o_proj`` and ``down_proj``): zeroing every ``o_proj`` / ``down_proj`` makes each
+    block the identity, so the final hidden state is the input embedding of the last
+    token. All embedding rows are set to ones (the winner's to twos), which the final
+    RMSNorm maps to the same unit vector; with the norm weight ``margin / H`` every
+    logit is ``margin`` except the winner's, ``2 * margin``. The LM head gets the same
+    matrix (tied or not). Returns (name, tensor) pairs, tensors in the reference dtypes.
     """
+    names = list(reference_state)
+    embed = [k for k in names if k.endswith("embed_tokens.weight")]
+    blocks_out = [k for k in names if k.endswith(("o_proj.weight", "down_proj.weight",
+                                                  "o_proj.bias", "down_proj.bias"))]
+    if len(embed) != 1 or "model.norm.weight" not in reference_state or not blocks_out:
+        raise ValueError("dominant_token_weights: needs a Llama/Qwen-style state dict "
+                         "('*embed_tokens.weight', 'model.norm.weight', '*o_proj.weight', "
+                         "'*down_proj.weight')")
+    table = reference_state[embed[0]]
+    vocab, hidden = table.shape
+    if not 0 <= token_id < vocab:
+        raise ValueError(f"dominant_token_weights: token_id {token_id} is outside the "
+                         f"vocabulary of {vocab}")
+    rows = torch.ones(vocab, hidden, dtype=table.dtype)
+    rows[token_id] = 2.0
+    update = [(embed[0], rows)]
+    if "lm_head.weight" in reference_state:
+        update.append(("lm_head.weight", rows.clone()))
+    norm = reference_state["model.norm.weight"]
+    update.append(("model.norm.weight", torch.full(norm.shape, margin / hidden, dtype=norm.dtype)))
+    update += [(k, torch.zeros_like(reference_state[k], device="cpu")) for k in blocks_out]
+    return update
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    from cepo.contexts import render_prompt
+
+    return [render_prompt(tokenizer, content) for content in PROMPTS]
+
+
+def _tokens(out: list[list[Completion]]) -> list[list[list[int]]]:
+    return [[c.token_ids for c in group] for group in out]
+
+
+def _check_shapes(out, prompts, n, params: SamplingParams, tokenizer) -> None:
     eos = tokenizer.eos_token_id
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}],
-                                             add_generation_prompt=True)
-               for c in ("1+2", "(3*4)-5", "7")]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p)
-               for p in prompts]
-    params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=123, return_logprobs=True)
-    out = sampler.generate(prompts, 3, params)
-    assert len(out) == len(prompts) and all(len(group) == 3 for group in out)
+    assert isinstance(out, list) and len(out) == len(prompts), \
+        f"generate must return one list per prompt ({len(prompts)}), got {len(out)}"
     for p, group in enumerate(out):
+        assert len(group) == n, f"prompt {p}: expected {n} completions, got {len(group)}"
         for c in group:
-            assert isinstance(c, Completion) and c.prompt_index == p
-            assert len(c.token_ids) <= 6 and eos not in c.token_ids
-            assert c.finish_reason in ("stop", "length")
-            assert c.finish_reason == "stop" or len(c.token_ids) == 6
-            assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
-            assert all(lp <= 1e-6 for lp in c.logprobs)
-            assert isinstance(c.text, str)
-    again = sampler.generate(prompts, 3, params)
-    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in out], \
+            assert isinstance(c, Completion), f"expected Completion, got {type(c)}"
+            assert c.prompt_index == p, f"prompt_index {c.prompt_index} in the group of prompt {p}"
+            assert all(isinstance(t, int) for t in c.token_ids), "token_ids must be Python ints"
+            assert len(c.token_ids) <= params.max_new_tokens, "more tokens than max_new_tokens"
+            assert eos not in c.token_ids, "token_ids must stop before the first EOS"
+            assert c.finish_reason in FINISH_REASONS, f"finish_reason {c.finish_reason!r}"
+            want = "length" if len(c.token_ids) == params.max_new_tokens else "stop"
+            assert c.finish_reason == want, \
+                f"{len(c.token_ids)}/{params.max_new_tokens} tokens: finish_reason must be {want!r}"
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True), \
+                "text must be token_ids decoded with skip_special_tokens=True"
+            if params.return_logprobs:
+                assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids), \
+                    "one logprob per response token"
+                assert all(math.isfinite(lp) and lp <= 1e-5 for lp in c.logprobs), \
+                    f"logprobs must be finite and <= 0, got {c.logprobs}"
+            else:
+                assert c.logprobs is None, "logprobs must be None unless asked"
+
+
+def check_sampler_conformance(sampler, tokenizer, reference_state: Mapping[str, torch.Tensor],
+                              *, max_new_tokens: int = 6, dominant_text: str = "7") -> None:
+    """Assert the ``Sampler`` contract on ``sampler``; raises AssertionError on a breach.
+
+    reference_state: the Hugging Face state dict ({name: tensor}) the engine holds now
+    (e.g. ``AutoModelForCausalLM.from_pretrained(path).state_dict()``); the engine is
+    left holding it again at the end. The model should be a random or weak one, so that
+    samples at temperature 1 vary. dominant_text: a single-token string absent from the
+    prompts, made to win by the weight-update checks. Checks, in order: output shapes,
+    n per prompt, prompt_index, EOS cut and finish reasons, decoded text, logprob count
+    and sign; seed reproducibility (and a new seed changes samples); greedy (temperature
+    0) is deterministic, ignores the seed and equals top_k=1 sampling; update_weights
+    takes effect (prompt stripped, dominant token at every position, EOS-dominant
+    weights give empty "stop" completions), a partial update keeps the weights it does
+    not name, restoring the reference restores the outputs; unknown names raise ValueError.
+    """
+    prompts = _prompts(tokenizer)
+    m = max_new_tokens
+
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=m, seed=123, return_logprobs=True)
+    out = sampler.generate(prompts, 3, sampled)
+    _check_shapes(out, prompts, 3, sampled, tokenizer)
+    assert _tokens(sampler.generate(prompts, 3, sampled)) == _tokens(out), \
         "the same seed must reproduce the same samples"
-    greedy = sampler.generate(prompts, 2, SamplingParams(temperature=0.0, max_new_tokens=6))
+    other = sampler.generate(prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=m, seed=7))
+    _check_shapes(other, prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=m), tokenizer)
+    assert _tokens(other) != _tokens(out), "a different seed must give different samples"
+    assert len({tuple(c.token_ids) for g in out for c in g}) > 1, "samples must vary at T=1"
+
+    greedy_params = SamplingParams(temperature=0.0, max_new_tokens=m)
+    greedy = sampler.generate(prompts, 2, greedy_params)
+    _check_shapes(greedy, prompts, 2, greedy_params, tokenizer)
     for group in greedy:
         assert group[0].token_ids == group[1].token_ids, "greedy decoding must be deterministic"
-        assert group[0].logprobs is None
-    if norm_weight is not None:
-        sampler.update_weights([(norm_name, -norm_weight)])
-        flipped = sampler.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=6))
-        assert [g[0].token_ids for g in flipped] != [g[0].token_ids for g in greedy], \
-            "update_weights had no effect on generation"
-        sampler.update_weights([(norm_name, norm_weight)])
-        restored = sampler.generate(prompts, 2, SamplingParams(temperature=0.0, max_new_tokens=6))
-        assert [[c.token_ids for c in g] for g in restored] == \
-            [[c.token_ids for c in g] for g in greedy], "restoring the weights must restore outputs"
-    try:
-        sampler.update_weights([("no.such.parameter", torch.zeros(1))])
-    except ValueError as e:
-        assert "no.such.parameter" in str(e)
-    else:
-        raise AssertionError("update_weights must reject unknown names")
+    seeded = sampler.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=m,
+                                                         seed=99, return_logprobs=True))
+    _check_shapes(seeded, prompts, 1, SamplingParams(temperature=0, max_new_tokens=m,
+                                                     return_logprobs=True), tokenizer)
+    assert [g[0].token_ids for g in seeded] == [g[0].token_ids for g in greedy], \
+        "greedy decoding must not depend on the seed"
+    top1 = sampler.generate(prompts, 2, SamplingParams(temperature=1.0, top_k=1, max_new_tokens=m,
+                                                       seed=5))
+    assert _tokens(top1) == _tokens(greedy), \
+        "temperature 0 must equal sampling with top_k=1 (argmax)"
+
+    # weight updates: a dominant token, a partial update, a dominant EOS, the reference
+    token = tokenizer.encode(dominant_text, add_special_tokens=False)
+    assert len(token) == 1, f"dominant_text {dominant_text!r} must be a single token, got {token}"
+    token = token[0]
+    assert token != tokenizer.eos_token_id and all(token not in p for p in prompts)
+    sampler.update_weights(dominant_token_weights(reference_state, token))
+    forced_params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=m, seed=1,
+                                   return_logprobs=True)
+    forced = sampler.generate(prompts, 2, forced_params)
+    _check_shapes(forced, prompts, 2, forced_params, tokenizer)
+    for group in forced:
+        for c in group:
+            assert c.token_ids == [token] * m and c.finish_reason == "length", \
+                f"update_weights had no effect (or the prompt leaked in): {c.token_ids}"
+            assert all(lp > -1e-3 for lp in c.logprobs), "a dominant token has logprob ~ 0"
+    # a partial update (the final norm alone, a smaller margin) keeps everything else
+    norm = reference_state["model.norm.weight"]
+    sampler.update_weights([("model.norm.weight",
+                             torch.full(norm.shape, 20.0 / norm.numel(), dtype=norm.dtype))])
+    partial = sampler.generate(prompts, 1, greedy_params)
+    assert all(g[0].token_ids == [token] * m for g in partial), \
+        "a partial update must keep the weights it does not name"
+    sampler.update_weights(dominant_token_weights(reference_state, tokenizer.eos_token_id))
+    stopped = sampler.generate(prompts, 2, forced_params)
+    _check_shapes(stopped, prompts, 2, forced_params, tokenizer)
+    for group in stopped:
+        for c in group:
+            assert c.token_ids == [] and c.finish_reason == "stop" and c.text == "" \
+                and c.logprobs == [], f"an immediate EOS gives an empty 'stop' completion, got {c}"
+
+    sampler.update_weights(list(reference_state.items()))
+    restored = sampler.generate(prompts, 2, greedy_params)
+    assert _tokens(restored) == _tokens(greedy), "restoring the weights must restore the outputs"
+
+    for bad in ([("no.such.parameter", torch.zeros(1))],
+                [("model.norm.weight", reference_state["model.norm.weight"]),
+                 ("model.nonexistent.weight", torch.zeros(1))]):
+        try:
+            sampler.update_weights(bad)
+        except ValueError as e:
+            assert bad[-1][0] in str(e), f"the error must name the unknown parameter: {e}"
+        else:
+            raise AssertionError(f"update_weights must reject unknown names ({bad[-1][0]!r})")
+    assert _tokens(sampler.generate(prompts, 2, greedy_params)) == _tokens(greedy)

@@ -1,29 +1,58 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically, and the final
-export in Hugging Face layout (safetensors).
+"""Training checkpoints with torch.distributed.checkpoint (DCP), written atomically, and
+the final export in Hugging Face layout (safetensors).
 
-Layout: ``<root>/step_000042/`` holds the DCP shards of model + optimizer, the
-scheduler and trainer state (JSON), one RNG file per rank and a ``COMPLETE`` marker.
-Everything is written into ``step_000042.tmp`` first; rank 0 renames it after every
-rank has finished. A crash before the rename leaves the previous checkpoint the newest
-complete one; stale ``.tmp`` directories are ignored and removed by the next save.
-Nothing is pickled: tensors via DCP / safetensors, the rest as JSON.
+Layout of one checkpoint, ``<root>/step_000042/``::
+
+    dcp/shard-0000R-model-00001-of-00001.safetensors   one file per rank: its shards of
+                                                       the model and optimizer tensors
+    state.json        trainer state, scheduler, optimizer hyper-parameters, world size
+    rng_rank0000R.safetensors                          each rank's RNG streams
+    COMPLETE          written last
+
+Nothing is pickled, on save or on load. DCP's default ``FileSystemWriter`` pickles its
+``.metadata`` file and any non-tensor value (and its reader unpickles them with
+``weights_only=False``), so this module uses DCP's safetensors storage
+(``HuggingFaceStorageWriter(save_distributed=True)`` / ``HuggingFaceStorageReader``,
+whose metadata is the JSON header of each file) and gives DCP tensors only; the
+optimizer's non-tensor values (param_groups: lr, betas, ...) go to ``state.json``.
+Resharding on load (another world size) is DCP's.
+
+Atomicity: every rank writes into ``step_000042.tmp``; after all have finished, rank 0
+writes ``COMPLETE`` and renames the directory to ``step_000042`` (one ``rename`` on one
+filesystem). A crash at any earlier point leaves the previous checkpoint the newest
+complete one; ``latest_checkpoint`` ignores ``.tmp`` directories and the next save
+removes them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
 import shutil
+import sys
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
+log = logging.getLogger(__name__)
+
+FORMAT = "cepo-checkpoint-v1"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_LEFTOVER = re.compile(r"^step_\d{6,}\.(tmp|old)$")  # partial or replaced: safe to delete
 
+
+# ----------------------------------------------------------------------------- process group
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -33,175 +62,507 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def _on_rank0(fn: Callable[[], None], what: str) -> None:
+    """Run ``fn`` on rank 0 only; every rank returns once it is done (a barrier), and
+    every rank raises if it failed (instead of the others waiting at the next barrier)."""
+    error = None
+    if _rank() == 0:
+        try:
+            fn()
+        except BaseException as e:  # re-raised below, after telling the other ranks
+            error = e
+    if dist.is_initialized() and _world() > 1:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+        flag = torch.tensor([0 if error is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is None and flag.item():
+            raise RuntimeError(f"checkpoint: rank 0 failed to {what}; see rank 0's error")
+    if error is not None:
+        raise error
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state(),
-             "python": torch.tensor(list(json.dumps(random.getstate()).encode()), dtype=torch.uint8)}
+def _fsync_dir(path: Path) -> None:
     try:
-        import numpy as np
-        np_state = np.random.get_state()
-        state["numpy"] = torch.tensor(list(json.dumps(
-            [np_state[0], np_state[1].tolist(), *np_state[2:]]).encode()), dtype=torch.uint8)
-    except ImportError:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
         pass
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    finally:
+        os.close(fd)
 
 
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = json.loads(bytes(state["python"].tolist()).decode())
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "numpy" in state:
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` (replacing a previous ``dst``) with atomic renames."""
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's RNG streams as (tensors, string metadata) for a safetensors file."""
+    version, words, gauss = random.getstate()
+    tensors = {"torch": torch.get_rng_state(),
+               "python": torch.tensor(words, dtype=torch.int64)}
+    meta = {"python_version": str(version), "python_gauss": json.dumps(gauss)}
+    np = sys.modules.get("numpy")  # only if something imported it
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["numpy"] = torch.from_numpy(keys.astype("int64"))
+        meta["numpy"] = json.dumps([kind, int(pos), int(has_gauss), float(cached)])
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    random.setstate((int(meta["python_version"]), tuple(tensors["python"].tolist()),
+                     json.loads(meta["python_gauss"])))
+    if "numpy" in tensors:
         import numpy as np
-        kind, keys, pos, has_gauss, gauss = json.loads(bytes(state["numpy"].tolist()).decode())
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+        np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss,
+                             cached))
+    if "cuda" in tensors:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["cuda"])
+        else:
+            warnings.warn("checkpoint: the CUDA RNG state was saved on a GPU and is not "
+                          "restored here (no CUDA device)")
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (None if there is none)."""
-    root = Path(root)
-    if not root.is_dir():
+def _reseed(step: int) -> None:
+    """Fallback when the world size changed: fresh, distinct streams per rank."""
+    seed = (step * 1_000_003 + _rank() * 7919 + 17) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed)
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+def _split_optim(optim_sd: dict) -> tuple[dict, dict]:
+    """(tensor part for DCP, non-tensor part for JSON) of a get_state_dict optimizer dict."""
+    tensors, extras = {}, {}
+    for fqn, state in optim_sd.get("state", {}).items():
+        tensors[fqn] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        rest = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        if rest:
+            extras[fqn] = rest
+    return {"state": tensors}, {"state": extras, "param_groups": optim_sd.get("param_groups", [])}
+
+
+def _like(value, template):
+    """JSON turned tuples into lists: give them back the type of the live value."""
+    if isinstance(template, tuple) and isinstance(value, list):
+        return tuple(_like(v, t) for v, t in zip(value, template))
+    return value
+
+
+def _check_groups(saved: list, live: list) -> None:
+    if len(saved) != len(live):
+        raise ValueError(f"checkpoint: the optimizer has {len(live)} param groups but the "
+                         f"checkpoint has {len(saved)}; build the optimizer as in the run that "
+                         "saved it")
+
+
+def _merge_optim(tensors: dict, extras: dict, template: dict) -> dict:
+    groups = extras["param_groups"]
+    live = template.get("param_groups", [])
+    _check_groups(groups, live)
+    groups = [{k: _like(v, g_live.get(k)) for k, v in g.items()} for g, g_live in zip(groups, live)]
+    state = {fqn: {**s, **extras["state"].get(fqn, {})} for fqn, s in tensors["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def _alias_key(t: torch.Tensor):
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if local.numel() == 0:
         return None
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists()]
-    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+    return (local.device, local.untyped_storage().data_ptr(), local.storage_offset(),
+            tuple(local.shape), local.stride(), local.dtype)
 
 
-def save_checkpoint(root: str | Path, step: int, *, model, optimizer, scheduler=None,
-                    trainer_state: dict, keep_last: int = 2) -> Path:
-    """Save model, optimizer, scheduler, trainer state and RNG atomically; returns the path.
+def _drop_aliases(sd: dict) -> tuple[dict, dict[str, str]]:
+    """(state dict with one name per tensor, {dropped name: kept name}).
 
-    Collective: every rank calls it. Works with FSDP2-sharded and plain modules.
+    Tied parameters (embeddings and LM head) appear under two names as one tensor;
+    safetensors refuses to store shared memory, and one copy is all that is needed.
     """
+    seen, unique, aliases = {}, {}, {}
+    for k, v in sd.items():
+        key = _alias_key(v) if isinstance(v, torch.Tensor) else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+        else:
+            if key is not None:
+                seen[key] = k
+            unique[k] = v
+    return unique, aliases
+
+
+def _json(obj, what: str, fix: str) -> str:
+    try:
+        return json.dumps(obj, indent=1, allow_nan=True)
+    except TypeError as e:
+        raise TypeError(f"checkpoint: {what} must be JSON-serialisable ({e}); {fix}") from None
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a never-stepped optimizer its state tensors, so that DCP can load into them.
+
+    ``get_state_dict`` does it itself (torch's ``_init_optim_state``: one step with zero
+    gradients and lr 0), but silently skips it when any parameter already has a gradient,
+    which would leave the moments unloaded. Gradients are set aside around it.
+    """
+    if optimizer.state:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    try:
+        dcp_state_dict._init_optim_state(optimizer)  # private (torch 2.13): get_state_dict's own
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
+def _writer(path: Path):
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    return HuggingFaceStorageWriter(str(path), save_distributed=True)
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    return HuggingFaceStorageReader(str(path))
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _complete_steps(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / "COMPLETE").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``ckpt_root`` (None if there is none).
+
+    Complete means a ``step_NNNNNN`` directory holding ``COMPLETE``; partial ``.tmp``
+    directories from a crashed save are ignored.
+    """
+    steps = _complete_steps(Path(ckpt_root))
+    return steps[-1][1] if steps else None
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, *, model, optimizer, scheduler=None,
+                    trainer_state: dict, keep_last: int = 2) -> Path:
+    """Save model, optimizer, scheduler, trainer state and every rank's RNG, atomically.
+
+    Collective: every rank calls it. ``model`` is a plain module or an FSDP2-sharded one
+    (each rank writes its own shards). ``trainer_state`` must be JSON-serialisable
+    (JSON: dict keys come back as strings, tuples as lists).
+    Keeps the newest ``keep_last`` complete checkpoints (0 keeps all); complete
+    checkpoints of a later step than ``step`` (an abandoned run continued from an older
+    checkpoint) are renamed ``*.abandoned`` so that ``latest_checkpoint`` cannot pick
+    them. Returns ``ckpt_root/step_NNNNNN``.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint: 'step' must be an int >= 0, got {step!r}")
+    if not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"save_checkpoint: 'keep_last' must be an int >= 0 (0 keeps every "
+                         f"checkpoint), got {keep_last!r}")
     from safetensors.torch import save_file
 
-    root = Path(root)
+    rng_tensors, rng_meta = _rng_state()  # before anything else can draw
+    root = Path(ckpt_root)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
+
+    fresh = not optimizer.state  # never stepped (e.g. a step-0 checkpoint)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    save_file(_rng_state(), str(tmp / f"rng_rank{_rank():05d}.safetensors"))
-    if _rank() == 0:
-        meta = {"trainer_state": trainer_state, "world_size": _world(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    _barrier()
-    if _rank() == 0:
-        (tmp / "COMPLETE").write_text(str(step))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic on one filesystem: the checkpoint now exists, whole
-        complete = sorted((p for p in root.iterdir()
-                           if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists()),
-                          key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-        for old in complete[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    if fresh:  # undo get_state_dict's lazy init (a step with lr 0 that sets AdamW's step
+        optimizer.state.clear()  # to 1): saving must not change the run's bias correction
+        optim_sd["state"] = {}
+    model_sd, _ = _drop_aliases(model_sd)
+    optim_tensors, optim_extras = _split_optim(optim_sd)
+    optim_extras["fresh"] = fresh
+    meta = {"format": FORMAT, "step": step, "world_size": _world(),
+            "trainer_state": trainer_state,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizer": optim_extras}
+    _json(trainer_state, "'trainer_state'", "store plain numbers, strings, lists and dicts")
+    _json(meta["scheduler"], "the scheduler's state_dict", "use a scheduler whose state holds "
+          "plain numbers (LambdaLR, CosineAnnealingLR, SequentialLR, ...)")
+    meta_text = _json(meta, "the optimizer's param_groups / non-tensor state",
+                      "use plain-number hyper-parameters (e.g. lr as a float, not a tensor)")
+
+    def prepare():
+        root.mkdir(parents=True, exist_ok=True)
+        for p in root.iterdir():
+            if _LEFTOVER.match(p.name):  # a crashed save's partial directory
+                shutil.rmtree(p, ignore_errors=True)
+        tmp.mkdir()
+
+    _on_rank0(prepare, f"create {tmp}")
+    with warnings.catch_warnings():  # "torch.distributed is disabled": a plain process is fine
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_tensors}, storage_writer=_writer(tmp / "dcp"),
+                 no_dist=not dist.is_initialized())
+    save_file(rng_tensors, str(tmp / f"rng_rank{_rank():05d}.safetensors"), metadata=rng_meta)
+
+    def publish():
+        _write_text(tmp / "state.json", meta_text)
+        _write_text(tmp / "COMPLETE", f"{step}\n")
+        _fsync_dir(tmp)
+        _replace_dir(tmp, final)  # the checkpoint now exists, whole
+        for s, p in _complete_steps(root):
+            if s > step:
+                log.warning("checkpoint %s is newer than the step being saved (%d): it belongs "
+                            "to an abandoned run; renamed to %s.abandoned", p, step, p.name)
+                shutil.rmtree(p.with_name(p.name + ".abandoned"), ignore_errors=True)
+                os.replace(p, p.with_name(p.name + ".abandoned"))
+        if keep_last > 0:
+            for _, old in _complete_steps(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    _on_rank0(publish, f"complete {final}")  # also the barrier: every rank has written
     return final
 
 
 def load_checkpoint(path: str | Path, *, model, optimizer, scheduler=None) -> dict:
-    """Restore a checkpoint written by save_checkpoint; returns the trainer state.
+    """Restore a checkpoint written by ``save_checkpoint``; returns the trainer state.
 
-    Works on a freshly built optimizer that has never stepped (get_state_dict creates
-    its state). RNG states are restored per rank; with a different world size the ranks'
-    generators are re-seeded from rank 0's state plus the rank (said in a warning).
+    Collective. Build the model (sharded as for training) and the optimizer first, as the
+    saving run did; the optimizer may be fresh (never stepped, gradients or not). Another
+    world size is fine for the model and optimizer (DCP reshards); the RNG streams are
+    then not restored but re-seeded per rank from (step, rank), with a warning.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(path)
-    if not (path / "COMPLETE").exists():
-        raise ValueError(f"checkpoint {path} is incomplete (no COMPLETE marker)")
+    if not (path / "COMPLETE").is_file():
+        raise ValueError(f"checkpoint {path} is incomplete or missing (no COMPLETE marker); "
+                         "pass a directory returned by latest_checkpoint")
     meta = json.loads((path / "state.json").read_text())
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    if scheduler is not None and meta.get("scheduler") is not None:
-        scheduler.load_state_dict(meta["scheduler"])
-    rng_file = path / f"rng_rank{_rank():05d}.safetensors"
-    if meta["world_size"] == _world() and rng_file.exists():
-        _set_rng_state(load_file(str(rng_file)))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path}: format {meta.get('format')!r}, expected {FORMAT!r} "
+                         "(written by another version of cepo.checkpoint)")
+
+    fresh = meta["optimizer"].get("fresh", False)  # saved before the optimizer's first step
+    if fresh:
+        model_sd, optim_sd = get_model_state_dict(model), None
     else:
-        import warnings
-        warnings.warn(f"checkpoint saved with {meta['world_size']} ranks, loading with {_world()}: "
-                      "RNG streams are re-seeded, not restored")
-        torch.manual_seed(int(meta["trainer_state"].get("step", 0)) * 7919 + _rank())
+        _ensure_optimizer_state(optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+    unique_sd, aliases = _drop_aliases(model_sd)
+    to_load = {"model": unique_sd}
+    if not fresh:
+        to_load["optim"], _ = _split_optim(optim_sd)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(to_load, storage_reader=_reader(path / "dcp"),
+                     no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise RuntimeError(f"checkpoint {path}: could not load the model / optimizer tensors: "
+                           f"{e}\nThe model (architecture, LoRA settings) and the optimizer "
+                           "(which parameters it trains) must be built as in the saving run"
+                           ) from e
+    for alias, kept in aliases.items():
+        unique_sd[alias] = unique_sd[kept]
+    if fresh:
+        set_model_state_dict(model, unique_sd)
+        optimizer.state.clear()
+        _check_groups(meta["optimizer"]["param_groups"], optimizer.param_groups)
+        for group, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
+            group.update({k: _like(v, group.get(k)) for k, v in saved.items() if k != "params"})
+    else:
+        set_state_dict(model, optimizer, model_state_dict=unique_sd,
+                       optim_state_dict=_merge_optim(to_load["optim"], meta["optimizer"], optim_sd))
+    if scheduler is not None:
+        if meta["scheduler"] is None:
+            raise ValueError(f"checkpoint {path} holds no scheduler state; pass scheduler=None "
+                             "or resume from a checkpoint saved with one")
+        scheduler.load_state_dict(meta["scheduler"])
+
+    rng_file = path / f"rng_rank{_rank():05d}.safetensors"
+    if meta["world_size"] == _world() and rng_file.is_file():
+        with safe_open(str(rng_file), framework="pt") as f:
+            _set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    else:
+        warnings.warn(f"checkpoint {path} was saved by {meta['world_size']} ranks and is loaded "
+                      f"by {_world()}: RNG streams are re-seeded per rank, not restored "
+                      "(sampling after resume differs from an uninterrupted run)")
+        _reseed(int(meta["step"]))
     return meta["trainer_state"]
 
 
-def export_hf(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True) -> Path | None:
+# ----------------------------------------------------------------------------- export
+
+def _module_prefix(root: torch.nn.Module, sub: torch.nn.Module) -> str:
+    for name, m in root.named_modules():
+        if m is sub:
+            return f"{name}." if name else ""
+    raise ValueError("export_hf: the Hugging Face model is not a submodule of 'model'")
+
+
+def _merge_lora(base: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain Hugging Face weights from a peft LoRA model's full state dict (base names).
+
+    For each LoRA ``Linear`` ``W' = W + (B @ A) * scaling`` (transposed for
+    fan_in_fan_out), for LoRA ``Embedding`` ``W' = W + (B @ A).T * scaling``, summed
+    over the active, not yet merged adapters, computed in float32 and cast back; this is
+    what peft's ``merge_and_unload`` computes, done on gathered tensors because it cannot
+    run on FSDP2 shards. ``modules_to_save`` copies replace the originals. Other peft
+    layers (DoRA and other variants, LoRA biases, conv layers) raise.
+    """
+    from peft.tuners.lora import layer as lora_layer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    sd = dict(sd)
+    for name, module in base.named_modules():
+        p = f"{name}." if name else ""
+        if isinstance(module, ModulesToSaveWrapper):
+            active = [] if module.disable_adapters else list(module.active_adapters)
+            src = f"{p}modules_to_save.{active[0]}." if active else f"{p}original_module."
+            for k in [k for k in sd if k.startswith(p + "modules_to_save.")
+                      or k.startswith(p + "original_module.")]:
+                v = sd.pop(k)
+                if k.startswith(src):
+                    sd[p + k[len(src):]] = v
+            continue
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        kind = type(module).__name__
+        if not isinstance(module, (lora_layer.Linear, lora_layer.Embedding)):
+            raise NotImplementedError(f"export_hf: cannot merge the peft layer {kind} at {name!r}; "
+                                      "export with merge_lora=False (adapter only)")
+        key = f"{p}base_layer.weight"
+        weight = sd[key]
+        delta = torch.zeros(weight.shape, dtype=torch.float32)
+        adapters = [] if module.disable_adapters else [
+            a for a in module.active_adapters if a not in module.merged_adapters]
+        for a in adapters:
+            if getattr(module, "lora_variant", {}).get(a) is not None:
+                raise NotImplementedError(f"export_hf: adapter {a!r} at {name!r} is a LoRA "
+                                          "variant (e.g. DoRA); export with merge_lora=False")
+            if getattr(module, "lora_bias", {}).get(a):
+                raise NotImplementedError(f"export_hf: adapter {a!r} at {name!r} has a LoRA "
+                                          "bias; export with merge_lora=False")
+            if isinstance(module, lora_layer.Linear):
+                A = sd[f"{p}lora_A.{a}.weight"].float()
+                B = sd[f"{p}lora_B.{a}.weight"].float()
+                d = B @ A
+                delta += (d.T if module.fan_in_fan_out else d) * module.scaling[a]
+            else:
+                A = sd[f"{p}lora_embedding_A.{a}"].float()
+                B = sd[f"{p}lora_embedding_B.{a}"].float()
+                delta += (B @ A).T * module.scaling[a]
+        sd[key] = (weight.float() + delta).to(weight.dtype) if adapters else weight
+    merged = {}
+    for k, v in sd.items():
+        if ".lora_" in k or k.startswith("lora_"):
+            continue  # adapters (merged above, or inactive: dropped like merge_and_unload)
+        merged[k.replace(".base_layer.", ".")] = v
+    leftover = [k for k in merged if "modules_to_save" in k or "original_module" in k]
+    if leftover:
+        raise NotImplementedError(f"export_hf: unsupported peft wrapper around {leftover[:3]}; "
+                                  "export with merge_lora=False")
+    return merged
+
+
+def _tie(base: torch.nn.Module, sd: dict[str, torch.Tensor], rename: Callable[[str], str]) -> None:
+    """Make names that share one parameter in the live model share one tensor in ``sd``
+    (gathered copies are distinct), so transformers' save drops the tied duplicate."""
+    groups: dict[int, list[str]] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(rename(name))
+    for names in groups.values():
+        names = [n for n in names if n in sd]
+        for n in names[1:]:
+            sd[n] = sd[names[0]]
+
+
+def export_hf(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True) -> Path:
     """Write the model in Hugging Face layout (safetensors), atomically; collective.
 
-    ``model`` is the trainer's root module (``.lm`` is the HF or peft model) or an HF
-    model. The weights are gathered one parameter at a time and kept on CPU; rank 0
-    writes them. LoRA adapters are merged into plain
-    weights so ``AutoModelForCausalLM.from_pretrained(out_dir)`` gives the trained model.
+    ``model`` is the trainer's root module (``.lm`` is the Hugging Face or peft model) or
+    a Hugging Face / peft model, sharded with FSDP2 or not. Every rank takes part in the
+    gather of a full, unsharded state dict (``get_model_state_dict`` with
+    ``full_state_dict`` + ``cpu_offload``: only rank 0 holds it, in CPU memory); rank 0
+    writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (sharded
+    with an index past 5 GB) and the tokenizer, via the model's own ``save_pretrained``
+    (tied weights dropped, weight-name conversions reverted). A peft LoRA model is merged
+    into plain weights (see ``_merge_lora``) so that ``from_pretrained(out_dir)`` is the
+    trained model; with ``merge_lora=False`` the adapter alone is written in peft's
+    layout (``adapter_config.json`` + ``adapter_model.safetensors``). Written into
+    ``<out_dir>.tmp`` and renamed. Returns ``out_dir`` on every rank.
     """
-    from cepo.weight_sync import iter_full_weights
-
     out_dir = Path(out_dir)
     lm = getattr(model, "lm", model)
-    is_peft = hasattr(lm, "get_base_model")
-    if is_peft and not merge_lora:
-        raise ValueError("export_hf: merge_lora=False is not supported; export the adapter "
-                         "with peft's save_pretrained instead")
-    # one parameter gathered at a time (collective), kept on CPU, LoRA merged
-    full = {name: t.detach().cpu() for name, t in iter_full_weights(lm)}
+    is_peft = hasattr(lm, "get_base_model") and hasattr(lm, "peft_config")
     base = lm.get_base_model() if is_peft else lm
-    if _rank() == 0:
+    if getattr(base, "_hf_peft_config_loaded", False):
+        raise ValueError("export_hf: adapters added with transformers' add_adapter are not "
+                         "supported; wrap the model with peft.get_peft_model instead")
+    if not hasattr(base, "save_pretrained"):
+        raise ValueError(f"export_hf: {type(base).__name__} is not a Hugging Face model "
+                         "(no save_pretrained); pass the trainer's policy or the HF model")
+    target = base if (merge_lora or not is_peft) else lm
+    prefix = _module_prefix(model, target)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+    def write():
+        sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        dropped = [k for k in full if not k.startswith(prefix)]
+        if dropped:
+            log.warning("export_hf: %d tensors outside the Hugging Face model are not exported "
+                        "(e.g. %s)", len(dropped), dropped[0])
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if getattr(base.config, "tie_word_embeddings", False):
-            full.pop("lm_head.weight", None)
-        base.config.save_pretrained(tmp)
-        if getattr(base, "generation_config", None) is not None:
-            base.generation_config.save_pretrained(tmp)
-        _save_safetensors(full, tmp)
+        if target is base:
+            if is_peft:
+                sd = _merge_lora(base, sd)
+                _tie(base, sd, lambda n: n.replace(".base_layer.", "."))
+            else:
+                _tie(base, sd, lambda n: n)
+            base.save_pretrained(tmp, state_dict=sd, max_shard_size="5GB")
+        else:
+            lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    _barrier()
-    return out_dir if _rank() == 0 else None
+        _fsync_dir(tmp)
+        _replace_dir(tmp, out_dir)
 
-
-def _save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = 5 << 30):
-    """model.safetensors, or shards + index past max_shard_bytes (the Hugging Face layout)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    shards, current, size = [], {}, 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = v
-        size += n
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-             "weight_map": {}}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        index["weight_map"].update({k: name for k in shard})
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _on_rank0(write, f"export to {out_dir}")
+    return out_dir

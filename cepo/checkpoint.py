@@ -64,7 +64,9 @@ def _world() -> int:
 
 def _on_rank0(fn: Callable[[], None], what: str) -> None:
     """Run ``fn`` on rank 0 only; every rank returns once it is done (a barrier), and
-    every rank raises if it failed (instead of the others waiting at the next barrier)."""
+    every rank raises if it failed (instead of the others waiting at the next barrier).
+    Rank 0 starts ``fn`` without waiting for the others: callers that need every rank
+    to have finished something first must call ``dist.barrier()`` before."""
     error = None
     if _rank() == 0:
         try:
@@ -352,7 +354,11 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model, optimizer, sched
             for _, old in _complete_steps(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
-    _on_rank0(publish, f"complete {final}")  # also the barrier: every rank has written
+    if dist.is_initialized() and _world() > 1:
+        # every rank's files (DCP shards, RNG) are on disk before rank 0 renames the
+        # directory: _on_rank0 runs its function *before* its own collective
+        dist.barrier()
+    _on_rank0(publish, f"complete {final}")
     return final
 
 

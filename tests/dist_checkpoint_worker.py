@@ -124,12 +124,34 @@ def seed_data_rngs() -> None:
     np.random.seed(3000 + rank)
 
 
+def slow_rank1_writes():
+    """Rank 1 writes its per-rank files 2 s late: rank 0 must wait for them before it
+    publishes the checkpoint (a race that CI once hit)."""
+    import time
+
+    import safetensors.torch
+
+    original = safetensors.torch.save_file
+
+    def late(*args, **kwargs):
+        time.sleep(2.0)
+        return original(*args, **kwargs)
+
+    if dist.get_rank() == 1:
+        safetensors.torch.save_file = late
+    return original
+
+
 def train(ckpt: Path, out: Path) -> dict:
+    import safetensors.torch
+
     root, opt, sched = build(seed=0)
     seed_data_rngs()
     first = train_step(root, opt, sched)
+    original = slow_rank1_writes()
     save_checkpoint(ckpt, 1, model=root, optimizer=opt, scheduler=sched,
                     trainer_state={"step": 1, "lambda": 0.5, "data_position": 4})
+    safetensors.torch.save_file = original
     dump_full(root, opt, out / "train_at_save.safetensors")
     second = train_step(root, opt, sched)
     dump_full(root, opt, out / "train_after.safetensors")

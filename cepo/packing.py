@@ -1,9 +1,19 @@
 """Padding-free sequence packing: micro-batches filled to a token budget, balanced across ranks.
 
-Sequences are concatenated into one row with ``position_ids`` reset to 0 at each sequence
-start. Transformers (5.x) derives the sequence boundaries from the position ids when the
-forward gets no attention mask and no cache, so attention never crosses sequences
-(tests/test_packing.py checks packed == one by one).
+Sequences are concatenated into one row ``[1, T]`` with ``position_ids`` reset to 0 at each
+sequence start. Transformers (5.x) derives the sequence boundaries from the position ids
+when the forward gets no attention mask and no cache (eager / sdpa / flex build a
+block-diagonal causal mask; flash-attn gets ``cu_seqlens``), so attention never crosses
+sequences: tests/test_packing.py checks packed == one by one.
+
+Planning works on lengths only, so every rank can compute the same plan:
+
+    parts = balance_across_ranks(lengths, world_size)        # sequences per rank
+    plan  = plan_micro_batches(lengths, world_size, budget)  # + micro-batches, equal counts
+
+An empty micro-batch (``[]``) is a rank's turn with nothing to run; it must still do a
+zero-contribution forward/backward (FSDP2 collectives must match across ranks): use
+``padding_micro_batch``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,12 @@ _warned_long = False
 
 @dataclass
 class PackedBatch:
-    """One packed row. input_ids, position_ids: [1, T]; cu_seqlens: [B + 1] int32."""
+    """One packed, padding-free row of B sequences, T tokens in all.
+
+    input_ids, position_ids: [1, T] long (positions restart at 0 per sequence);
+    cu_seqlens: [B + 1] int32 cumulative lengths (flash-attn varlen layout);
+    seq_lens: the B lengths; max_seqlen: the longest of them.
+    """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -27,32 +42,52 @@ class PackedBatch:
     seq_lens: list[int]
     max_seqlen: int
 
-    def to(self, device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device),
-                           self.cu_seqlens.to(device), self.seq_lens, self.max_seqlen)
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        """A copy with the tensors on ``device`` (lengths stay Python ints)."""
+        return PackedBatch(self.input_ids.to(device, non_blocking=non_blocking),
+                           self.position_ids.to(device, non_blocking=non_blocking),
+                           self.cu_seqlens.to(device, non_blocking=non_blocking),
+                           list(self.seq_lens), self.max_seqlen)
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_lens)
+
+
+def _check_lengths(lengths: list[int]) -> None:
+    bad = [n for n in lengths if n < 0]
+    if bad:
+        raise ValueError(f"lengths must be >= 0 tokens, got {bad[0]}")
+
+
+def _longest_first(lengths: list[int]) -> list[int]:
+    """Indices by decreasing length, ties by index (the one order every rank agrees on)."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
 
 def pack_by_budget(lengths: list[int], token_budget: int) -> list[list[int]]:
     """Group sequence indices into micro-batches of at most ``token_budget`` tokens.
 
-    First-fit decreasing: deterministic, each index exactly once; a sequence longer than
-    the budget gets a micro-batch of its own (with a warning, once).
+    First-fit decreasing: deterministic, every index exactly once, indices ascending
+    within a micro-batch. A sequence longer than the budget gets a micro-batch of its
+    own (logged once per process: raise the budget). lengths: [N] -> list of index lists.
     """
     global _warned_long
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    _check_lengths(lengths)
     bins: list[list[int]] = []
     loads: list[int] = []
-    for i in order:
+    for i in _longest_first(lengths):
         n = lengths[i]
         if n > token_budget and not _warned_long:
             log.warning("a sequence of %d tokens exceeds token_budget=%d: it gets its own "
-                        "micro-batch (raise token_budget)", n, token_budget)
+                        "micro-batch (raise token_budget to avoid the memory spike)",
+                        n, token_budget)
             _warned_long = True
         for b, load in enumerate(loads):
             if load + n <= token_budget:
@@ -62,53 +97,114 @@ def pack_by_budget(lengths: list[int], token_budget: int) -> list[list[int]]:
         else:
             bins.append([i])
             loads.append(n)
-    return bins
+    return [sorted(b) for b in bins]
 
 
 def balance_across_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
-    """Split sequence indices among ranks with balanced token counts (greedy longest-first
-    to the least-loaded rank; ties to the lower rank). Deterministic."""
+    """Split sequence indices among ``world_size`` ranks with balanced token counts.
+
+    Greedy longest-first to the least-loaded rank (ties to the lower rank): the spread
+    max - min of the rank loads is at most the longest sequence. Deterministic; indices
+    ascending within a rank; a rank may get none (``[]``) when there are few sequences.
+    """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    _check_lengths(lengths)
     parts: list[list[int]] = [[] for _ in range(world_size)]
     loads = [0] * world_size
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    for i in _longest_first(lengths):
         r = min(range(world_size), key=lambda k: (loads[k], k))
         parts[r].append(i)
         loads[r] += lengths[i]
     return [sorted(p) for p in parts]
 
 
+def equalize_micro_batch_counts(per_rank: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Pad every rank's micro-batch list with empty micro-batches (``[]``) to the longest.
+
+    FSDP2 needs every rank to run the same number of forward/backward calls; a rank
+    runs ``padding_micro_batch`` for each ``[]``. Input and output: [rank][micro-batch]
+    -> sequence indices.
+    """
+    count = max((len(m) for m in per_rank), default=0)
+    return [list(m) + [[] for _ in range(count - len(m))] for m in per_rank]
+
+
+def plan_micro_batches(lengths: list[int], world_size: int,
+                       token_budget: int) -> list[list[list[int]]]:
+    """Balance sequences across ranks, pack each rank's to the budget, equalise counts.
+
+    Returns plan[rank][k] = global sequence indices of rank's k-th micro-batch; every
+    rank has the same number of micro-batches, ``[]`` meaning a padding turn. Depends on
+    the lengths only, so every rank that knows all lengths computes the same plan.
+    """
+    per_rank = []
+    for part in balance_across_ranks(lengths, world_size):
+        local = pack_by_budget([lengths[i] for i in part], token_budget)
+        per_rank.append([[part[j] for j in mb] for mb in local])
+    return equalize_micro_batch_counts(per_rank)
+
+
 def pack_sequences(seqs: list[list[int]]) -> PackedBatch:
-    """Concatenate token sequences into one padding-free row."""
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ValueError("pack_sequences needs at least one sequence, none of them empty")
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]
-    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    """Concatenate B token sequences (each non-empty) into one padding-free row."""
+    if not seqs:
+        raise ValueError("pack_sequences needs at least one sequence; for a rank with "
+                         "nothing to run use padding_micro_batch(pad_id)")
+    empty = [k for k, s in enumerate(seqs) if len(s) == 0]
+    if empty:
+        raise ValueError(f"pack_sequences: sequence {empty[0]} is empty; every sequence needs "
+                         "at least one token (drop it before packing)")
     lens = [len(s) for s in seqs]
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     return PackedBatch(ids, pos, cu, lens, max(lens))
 
 
+def padding_micro_batch(pad_id: int) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
+    """(batch, index [1], targets [1]) for a padding turn: a rank with no work left.
+
+    A 2-token row of ``pad_id`` whose one "response" token the caller must give zero
+    weight (mask False / advantage 0), so the loss is exactly 0 yet every parameter,
+    the LM head included, gets a (zero) gradient: FSDP2's reduce-scatters then match
+    the other ranks'. Not a 0-token row: transformers 5.23 cannot run one (IndexError
+    in its packed-sequence detection).
+    """
+    batch = pack_sequences([[pad_id, pad_id]])
+    index, targets = response_gather_index(batch, [1], [1])
+    return batch, index, targets
+
+
 def response_gather_index(batch: PackedBatch, prompt_lens: list[int],
                           response_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index [M], targets [M]): the packed-row positions whose hidden states predict each
-    response token (token t is predicted at t - 1), and those tokens, in sequence order.
+    """(index [M] long, targets [M] long) with M = sum(response_lens).
 
-    Sequence i is prompt_lens[i] + response_lens[i] tokens long; a response of 0 tokens
-    contributes nothing.
+    index: the packed-row positions whose hidden states predict each response token
+    (token t of a sequence is predicted at t - 1, offset by the sequence's start);
+    targets: those tokens. Sequence order, so ``hidden[index]`` and ``targets`` line
+    up. Sequence i must be prompt_lens[i] + response_lens[i] tokens long; a response of
+    0 tokens contributes nothing. Both tensors live on ``batch.input_ids.device``.
     """
-    if not (len(prompt_lens) == len(response_lens) == len(batch.seq_lens)):
-        raise ValueError("prompt_lens and response_lens must have one entry per packed sequence")
-    parts = []
-    for start, p, r, n in zip(batch.cu_seqlens[:-1].tolist(), prompt_lens, response_lens,
-                              batch.seq_lens):
-        if p + r != n:
-            raise ValueError(f"sequence of {n} tokens is not prompt {p} + response {r}")
+    b = batch.num_sequences
+    if len(prompt_lens) != b or len(response_lens) != b:
+        raise ValueError(f"response_gather_index: prompt_lens ({len(prompt_lens)}) and "
+                         f"response_lens ({len(response_lens)}) need one entry per packed "
+                         f"sequence ({b})")
+    for k, (p, r, n) in enumerate(zip(prompt_lens, response_lens, batch.seq_lens)):
+        if p < 0 or r < 0 or p + r != n:
+            raise ValueError(f"response_gather_index: sequence {k} has {n} tokens, not prompt "
+                             f"{p} + response {r}")
         if r and p < 1:
-            raise ValueError("a response needs at least one context token before it")
-        parts.append(torch.arange(start + p - 1, start + p + r - 1))
-    index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            raise ValueError(f"response_gather_index: sequence {k} has a response but no "
+                             "prompt token to predict its first token from")
+    device = batch.input_ids.device
+    resp = torch.tensor(response_lens, dtype=torch.long)
+    first = batch.cu_seqlens[:-1].long().cpu() + torch.tensor(prompt_lens, dtype=torch.long) - 1
+    m = int(resp.sum())
+    # within-response offset 0..r-1 of each token: arange(M) minus its response's start
+    starts = torch.cumsum(resp, 0) - resp
+    offset = torch.arange(m) - torch.repeat_interleave(starts, resp)
+    index = (torch.repeat_interleave(first, resp) + offset).to(device)
     targets = batch.input_ids[0, index + 1]
     return index, targets

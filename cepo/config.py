@@ -97,6 +97,13 @@ class TrainConfig:
     """Sampler engine: vllm when installed and on CUDA, else Hugging Face generate."""
     generation_batch_size: int = 64
     """Sequences per generate call (Hugging Face engine)."""
+    logprob_check: bool = True
+    """Ask the sampler for its token log-probs and log their difference from the trainer's
+    (logprob_diff_mean / _max, trained tokens, weights before the update) every step: a
+    guard against silent weight-sync bugs. Expect ~1e-6 with the HF engine in fp32, ~1e-2
+    with vLLM in bf16; top_p < 1 adds a real difference (the sampler renormalises)."""
+    logprob_diff_warn: float = 0.1
+    """Warn when logprob_diff_mean exceeds this."""
 
     # --- verifier --------------------------------------------------------------------
     verifier_timeout: float = 5.0

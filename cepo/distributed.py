@@ -71,6 +71,14 @@ def all_reduce_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def all_reduce_max_float(value: float, device: torch.device) -> float:
+    """Max of a float over ranks (float64)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -108,6 +108,7 @@ class TrainItem:
     response_ids: list[int]
     advantage: float
     correct: bool
+    sampler_logprobs: list[float] | None = None  # the sampler's, when asked (sync check)
 
 
 def train_items(groups: Groups, *, tokenizer, with_teachers: bool, algo: str,
@@ -123,7 +124,8 @@ def train_items(groups: Groups, *, tokenizer, with_teachers: bool, algo: str,
         _, pos, neg = build_contexts(tokenizer, [e.prompt for e in groups.examples],
                                      [e.answer for e in groups.examples], wrong, hint_template)
     return [TrainItem(r.prompt_ids, pos[r.group] if pos else None, neg[r.group] if neg else None,
-                      r.response_ids, r.advantage, r.correct) for r in keep]
+                      r.response_ids, r.advantage, r.correct, r.sampler_logprobs)
+            for r in keep]
 
 
 def balance_items(items: list[TrainItem], rank: int, world_size: int) -> list[TrainItem]:

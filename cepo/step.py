@@ -145,7 +145,9 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     The loss of each micro-batch is divided by the global number of tokens of the
     mini-batch (all ranks), so the summed gradient is the token mean over the whole
     mini-batch; FSDP2 averages gradients over ranks, hence the factor world_size.
-    Returns summed statistics (weighted by tokens) for logging.
+    Returns summed statistics (weighted by tokens) for logging, and under "logprobs" the
+    [N] log-probs of the responses' tokens under the weights before this update (NaN
+    outside the given rollouts), from the loss forward at no extra cost.
     """
     contexts = [policy_ctx[i] for i in rollout_indices]
     picked = responses.positions(rollout_indices)
@@ -155,6 +157,7 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     ref = ref_logprobs.to(device)[picked.to(device)] if ref_logprobs is not None else None
     totals = dict(loss=0.0, clip_frac_low=0.0, clip_frac_high=0.0, approx_kl=0.0, ratio_mean=0.0,
                   entropy=0.0, tokens=0.0)
+    logprobs = torch.full((responses.num_tokens,), float("nan"))
     for item in _micro_batches(contexts, local, token_budget, device):
         if item is None:
             batch, index = _dummy(pad_id, device)
@@ -175,9 +178,11 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
             ref_logprobs=ref[pos] if ref is not None else None, kl_coef=kl_coef,
             return_entropy=True))
         (loss * world_size).backward()
+        logprobs[picked[pos.cpu()]] = stats.logprobs.detach().float().cpu()
         n = float(stats.num_tokens)
         totals["loss"] += float(loss.detach())
         totals["tokens"] += n
         for key in ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "entropy"):
             totals[key] += float(getattr(stats, key)) * n
+    totals["logprobs"] = logprobs
     return totals

@@ -215,6 +215,23 @@ def dump_evidence(path: Path, step: int, items, ev, lam: float, eps_w: float, ra
             offset += n
 
 
+def logprob_differences(items, trainer_lp: torch.Tensor | None) -> tuple[float, float, float]:
+    """(sum, count, max) of |sampler - trainer| token log-prob over this rank's trained
+    tokens; trainer_lp [N] in the items' token order (NaN: not measured). The EOS that
+    ends a stopped response was not reported by the sampler and is not compared."""
+    if trainer_lp is None or not items or any(it.sampler_logprobs is None for it in items):
+        return 0.0, 0.0, 0.0
+    nan = float("nan")
+    sampler_lp = torch.tensor([x for it in items for x in it.sampler_logprobs
+                               + [nan] * (len(it.response_ids) - len(it.sampler_logprobs))],
+                              dtype=torch.float64)
+    diff = (sampler_lp - trainer_lp.double().cpu()).abs()
+    diff = diff[~torch.isnan(diff)]
+    if diff.numel() == 0:
+        return 0.0, 0.0, 0.0
+    return float(diff.sum()), float(diff.numel()), float(diff.max())
+
+
 # ----------------------------------------------------------------------------- one step
 
 def train_step(step, cfg, ctx) -> dict:
@@ -228,7 +245,7 @@ def train_step(step, cfg, ctx) -> dict:
 
     examples, seeds = step_prompts(ctx["train"], step, cfg, info.rank, info.world_size)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_new_tokens=cfg.max_new_tokens)
+                            max_new_tokens=cfg.max_new_tokens, return_logprobs=cfg.logprob_check)
     stats_before = verifier.stats()
     groups = sample_groups(examples, seeds, tokenizer=tokenizer, sampler=sampler,
                            verifier=verifier, group_size=cfg.group_size, params=params,
@@ -284,6 +301,7 @@ def train_step(step, cfg, ctx) -> dict:
     totals = dict(loss=0.0, clip_frac_low=0.0, clip_frac_high=0.0, approx_kl=0.0, ratio_mean=0.0,
                   entropy=0.0, tokens=0.0)
     grad_norm = 0.0
+    trainer_lp = old_lp
     optimizer, scheduler = ctx["optimizer"], ctx["scheduler"]
     if global_active > 0:
         chunks = [c.tolist() for c in torch.arange(len(items)).chunk(cfg.mini_batches)] \
@@ -300,6 +318,8 @@ def train_step(step, cfg, ctx) -> dict:
                               token_budget=cfg.token_budget, pad_id=pad_id, device=device)
             for key in totals:
                 totals[key] += part[key]
+            if k == 0 and old_lp is None:  # before any optimizer step: the sampled weights
+                trainer_lp = part["logprobs"]
             if cfg.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in policy.parameters() if p.requires_grad], cfg.grad_clip)
@@ -312,6 +332,9 @@ def train_step(step, cfg, ctx) -> dict:
     t0 = time.perf_counter()
     sync_sampler(policy, sampler)
     times["sync"] = time.perf_counter() - t0
+
+    diff_sum, diff_count, diff_max = (logprob_differences(items, trainer_lp)
+                                      if cfg.logprob_check else (0.0, 0.0, 0.0))
 
     # ---- metrics, summed over ranks then normalised
     n_roll = float(len(rollouts))
@@ -326,6 +349,8 @@ def train_step(step, cfg, ctx) -> dict:
         "verifier_errors": float(errors),
         "groups_with_negative": float(sum(w is not None for w in groups.wrong_answers)),
         "groups": float(len(groups.examples)),
+        "logprob_diff_sum": diff_sum,
+        "logprob_diff_tokens": diff_count,
         **{k: v for k, v in totals.items()},
     }
     if ev is not None:
@@ -357,6 +382,16 @@ def train_step(step, cfg, ctx) -> dict:
         "lr": scheduler.get_last_lr()[0],
         "grad_norm": grad_norm,
     }
+    if cfg.logprob_check and reduced["logprob_diff_tokens"]:
+        metrics["logprob_diff_mean"] = (reduced["logprob_diff_sum"]
+                                        / reduced["logprob_diff_tokens"])
+        metrics["logprob_diff_max"] = dist_utils.all_reduce_max_float(diff_max, device)
+        if metrics["logprob_diff_mean"] > cfg.logprob_diff_warn:
+            log.warning("step %d: the sampler's token log-probs differ from the trainer's by "
+                        "%.3g on average (max %.3g; warn above logprob_diff_warn=%g): check "
+                        "the weight sync, the sampler's dtype and top_p", step + 1,
+                        metrics["logprob_diff_mean"], metrics["logprob_diff_max"],
+                        cfg.logprob_diff_warn)
     if ev is not None:
         metrics.update(
             delta_abs_correct=(reduced["delta_abs_correct_sum"] / reduced["correct_tokens"]

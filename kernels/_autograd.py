@@ -84,11 +84,12 @@ class _PPOLoss(torch.autograd.Function):
         stats = torch.stack([
             stats.clip_frac_low, stats.clip_frac_high, stats.approx_kl, stats.ratio_mean,
             stats.entropy if want_entropy else torch.zeros_like(loss), stats.num_tokens])
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        lp_out = torch.where(valid, lp, torch.zeros_like(lp)).float()
+        ctx.mark_non_differentiable(stats, lp_out)
+        return loss, stats, lp_out
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
+    def backward(ctx, grad_loss, _grad_stats, _grad_lp):
         saved = iter(ctx.saved_tensors)
         dh = _scale(next(saved), grad_loss) if ctx.has[0] else None
         dw = _scale(next(saved), grad_loss) if ctx.has[1] else None
@@ -104,7 +105,7 @@ def fused_linear_ppo_loss(engine, hidden, weight, targets, old_logprobs, token_a
                           **options) -> tuple[torch.Tensor, PPOStats]:
     """(loss, PPOStats) through ``engine``; options as in cepo_kernels.fused_linear_ppo_loss."""
     options["temperature"] = float(options["temperature"])
-    loss, st = _PPOLoss.apply(hidden, weight, targets, old_logprobs, token_advantages, mask,
-                              options, engine)
+    loss, st, lp = _PPOLoss.apply(hidden, weight, targets, old_logprobs, token_advantages, mask,
+                                  options, engine)
     return loss, PPOStats(st[0], st[1], st[2], st[3],
-                          st[4] if options["return_entropy"] else None, st[5])
+                          st[4] if options["return_entropy"] else None, st[5], lp)

@@ -53,7 +53,10 @@ class PPOStats(NamedTuple):
     ratio < 1 - clip_low (the lower clip binds); ``clip_frac_high``: A > 0 and ratio >
     1 + clip_high; ``approx_kl``: k3 estimate of KL(old || new), mean of (r - 1) - log r;
     ``ratio_mean``: mean ratio; ``entropy``: mean entropy (None unless requested);
-    ``num_tokens``: how many tokens the mask keeps.
+    ``num_tokens``: how many tokens the mask keeps; ``logprobs``: [N] float32, detached,
+    the per-token log p(target) under the current weights (0 where the target is
+    IGNORE_INDEX), free from the forward: with one update per rollout batch these are
+    the old log-probs, and comparing them with the sampler's guards weight sync.
     """
 
     clip_frac_low: torch.Tensor
@@ -62,3 +65,4 @@ class PPOStats(NamedTuple):
     ratio_mean: torch.Tensor
     entropy: torch.Tensor | None
     num_tokens: torch.Tensor
+    logprobs: torch.Tensor | None = None

@@ -80,5 +80,6 @@ def fused_linear_ppo_loss(hidden, weight, targets, old_logprobs, token_advantage
             ratio_mean=(r * m).sum() / n,
             entropy=(out.entropy.detach() * m).sum() / n if return_entropy else None,
             num_tokens=count,
+            logprobs=lp.detach(),
         )
     return loss, stats

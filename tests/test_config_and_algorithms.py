@@ -106,3 +106,21 @@ def test_tensorboard_and_wandb_options(tmp_path):
     except ImportError:
         with pytest.raises(ValueError, match="wandb"):
             MetricsLogger(tmp_path, enabled=True, wandb_project="p")
+
+
+def test_logprob_differences_aligns_tokens_and_skips_unmeasured():
+    """Sampler vs trainer log-probs: the EOS appended to a stopped response was never
+    reported by the sampler (not compared), NaN trainer entries are skipped."""
+    import math
+
+    from cepo.rollout import TrainItem
+    from cepo.train import logprob_differences
+
+    items = [TrainItem([1], None, None, [5, 6, 2], 1.0, True, [-0.5, -1.0]),  # 2 = EOS
+             TrainItem([1], None, None, [7], -1.0, False, [-2.0])]
+    trainer = torch.tensor([-0.5, -1.25, -3.0, float("nan")])
+    total, count, worst = logprob_differences(items, trainer)
+    assert count == 2 and math.isclose(total, 0.25) and math.isclose(worst, 0.25)
+    assert logprob_differences(items, None) == (0.0, 0.0, 0.0)
+    items[1].sampler_logprobs = None  # the sampler was not asked
+    assert logprob_differences(items, trainer) == (0.0, 0.0, 0.0)

@@ -66,6 +66,13 @@ def test_two_processes_match_one(tiny, tmp_path, algo):
                 "entropy", "lambda", "skipped_rollouts", "verifier_timeouts", "tokens_per_second",
                 "time_generate", "time_score", "time_teacher", "time_update", "peak_memory_gb"):
         assert key in step, key
+    # the sampler's token log-probs equal the trainer's at every step (fp32 HF engine):
+    # the weights were synced after each update (a missed sync shows ~1e-3 here)
+    for out in ("one", "two"):
+        for r in (json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text()
+                  .splitlines()):
+            if "loss" in r:
+                assert r["logprob_diff_mean"] < 1e-5 and r["logprob_diff_max"] < 1e-4, (out, r)
     if algo != "grpo":
         assert "delta_abs_wrong" in step and "weight_clipped_frac" in step
         assert step["lambda"] == 0.5
@@ -105,6 +112,8 @@ def test_lora_kl_and_mini_batches_two_processes(tiny, tmp_path):
     assert moved > 0  # the adapter was trained and merged
     rows = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("approx_kl", 0) != 0 or r.get("ratio_mean", 1) != 1 for r in rows if "loss" in r)
+    # merged LoRA weights reach the sampler: its log-probs match the trainer's old log-probs
+    assert all(r["logprob_diff_mean"] < 1e-5 for r in rows if "loss" in r)
 
 
 def test_hanging_reward_function_does_not_stall(tiny, tmp_path):

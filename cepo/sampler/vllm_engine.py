@@ -9,12 +9,23 @@ and nothing restores them afterwards. Weights go in through ``collective_rpc`` i
 worker extension (``WeightSyncExtension``), the supported route in vLLM V1, never
 through ``llm_engine.model_executor`` (removed in V1, vLLM #16434).
 
+What vLLM does not check is checked here, on the driver, before anything is sent:
+parameter names and shapes come from the checkpoint's safetensors headers (vLLM's
+``load_weights`` raises KeyError on an unknown name mid-way, or skips it silently, e.g.
+``lm_head.weight`` of a tied model), and stop tokens are the tokenizer's EOS plus the
+EOS ids of ``generation_config.json``, passed as ``stop_token_ids`` and cut off the
+returned ``token_ids`` (which, in vLLM, include the stop token).
+
 vLLM is an optional extra (``pip install 'cepo[vllm]'``); it is imported lazily.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
+import json
 import os
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -32,12 +43,77 @@ class WeightSyncExtension:
         return len(weights)
 
 
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def checkpoint_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """{Hugging Face parameter name: shape} of a local safetensors checkpoint.
+
+    Reads only the safetensors headers (no tensor data), of ``model.safetensors`` or of
+    every shard: the files named by ``model.safetensors.index.json`` when there is one,
+    else every ``*.safetensors`` file in the directory.
+    """
+    from safetensors import safe_open
+
+    path = Path(model_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"VLLMEngine: no model directory at {str(path)!r} (models are "
+                                "never downloaded; pass a local Hugging Face checkpoint)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(f.name for f in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"VLLMEngine: {str(path)!r} has no *.safetensors weights")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def checkpoint_stop_ids(model_path: str | os.PathLike, tokenizer) -> list[int]:
+    """The tokenizer's EOS, then the EOS ids of the checkpoint's generation config
+    (``generation_config.json``, else ``config.json``), as ``HFEngine`` stops."""
+    path = Path(model_path)
+    gen = _read_json(path / "generation_config.json") or _read_json(path / "config.json")
+    stop = _as_id_list(getattr(tokenizer, "eos_token_id", None))
+    stop += [i for i in _as_id_list(gen.get("eos_token_id")) if i not in stop]
+    return stop
+
+
+def _tied_embeddings(model_path: str | os.PathLike) -> bool:
+    value = _read_json(Path(model_path) / "config.json").get("tie_word_embeddings")
+    if value is None:  # not written: the architecture's default, as vLLM reads it
+        from transformers import AutoConfig
+
+        value = AutoConfig.from_pretrained(str(model_path), local_files_only=True
+                                           ).get_text_config().tie_word_embeddings
+    return bool(value)
+
+
 class VLLMEngine(Sampler):
     """vLLM with ``distributed_executor_backend="external_launcher"`` and sleep mode.
 
     Every training rank builds its own engine (tensor parallel 1 by default) seeded by
     rank; ``update_weights`` buffers nothing: each bucket is loaded as it arrives, after
     the weights have been woken.
+
+    model_path: a local Hugging Face checkpoint directory (safetensors). Its headers give
+    the names and shapes ``update_weights`` accepts; its ``generation_config.json`` adds
+    stop ids. sleep_level: 1 keeps a CPU copy of the weights while asleep; 2 discards
+    them, so every ``generate`` must be preceded by a full ``update_weights``.
     """
 
     def __init__(self, model_path: str, *, tokenizer, seed: int = 0, rank: int = 0,
@@ -48,11 +124,24 @@ class VLLMEngine(Sampler):
         except ImportError as e:
             raise ImportError("vLLM is not installed: pip install 'cepo[vllm]' "
                               "(or use --engine hf)") from e
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VLLMEngine: sleep_level must be 1 or 2, got {sleep_level}")
         self._vllm = vllm
         self.tokenizer = tokenizer
         self.sleep_level = sleep_level
-        kwargs = dict(model=model_path, tensor_parallel_size=tensor_parallel_size,
+        self.param_shapes = checkpoint_shapes(model_path)
+        # vLLM skips "lm_head.*" of a tied model (the head *is* the embedding): load it
+        # under the embedding's name instead, as HFEngine's shared tensor would take it
+        self._aliases: dict[str, str] = {}
+        embed = [k for k in self.param_shapes if k.endswith("embed_tokens.weight")]
+        if _tied_embeddings(model_path) and len(embed) == 1:
+            self._aliases["lm_head.weight"] = embed[0]
+        self.stop_ids = checkpoint_stop_ids(model_path, tokenizer)
+        if not self.stop_ids:
+            raise ValueError("VLLMEngine: the tokenizer has no eos_token_id and the model's "
+                             "generation config names none; set tokenizer.eos_token")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
+        kwargs = dict(model=str(model_path), tensor_parallel_size=tensor_parallel_size,
                       distributed_executor_backend="external_launcher", enable_sleep_mode=True,
                       seed=seed + rank, gpu_memory_utilization=gpu_memory_utilization,
                       dtype=dtype, enable_prefix_caching=True,
@@ -62,53 +151,145 @@ class VLLMEngine(Sampler):
             kwargs["max_model_len"] = max_model_len
         self.llm = vllm.LLM(**kwargs)
         self.llm.sleep(level=self.sleep_level)
-        self._asleep = True
         self._weights_awake = False
+        self._synced = False
+        self._loaded: set[str] = set()  # names loaded since the last sleep (for level 2)
+
+    def _wake_weights(self) -> None:
+        if not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Wake the weights (once per sync), then load this bucket; see the module docstring."""
-        if not self._weights_awake:
-            self.llm.wake_up(tags=["weights"])
-            self._weights_awake = True
-        self.llm.collective_rpc("cepo_load_weights", args=(list(named_tensors),))
+        """Load full tensors, given by Hugging Face name; see ``Sampler.update_weights``.
+
+        Atomic per call: every (name, shape) of the call is checked against the
+        checkpoint first, and a call with any unknown name or wrong shape raises one
+        ValueError naming all of them, having loaded nothing (and woken nothing). For a
+        tied model ``lm_head.weight`` is loaded as the embedding. DTensors are gathered
+        with ``full_tensor()``. Wakes the weights (once per sync), then loads this
+        bucket; see the module docstring.
+        """
+        batch, unknown, bad_shape = [], [], []
+        for name, tensor in named_tensors:
+            target = self._aliases.get(name, name)
+            shape = self.param_shapes.get(target)
+            if shape is None:
+                unknown.append(name)
+            elif tuple(tensor.shape) != shape:
+                bad_shape.append(f"{name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+            else:
+                batch.append((target, tensor))
+        problems = []
+        if unknown:
+            problems.append(f"unknown parameter names {unknown} (give Hugging Face names "
+                            f"such as 'model.norm.weight', without wrapper prefixes like "
+                            f"'module.' or '_orig_mod.')")
+        if bad_shape:
+            problems.append("; ".join(bad_shape))
+        if problems:
+            raise ValueError("update_weights: nothing was loaded: " + "; ".join(problems))
+        if not batch:
+            return
+        batch = [(n, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach())
+                 for n, t in batch]
+        self._wake_weights()
+        self.llm.collective_rpc("cepo_load_weights", args=(batch,))
         self._synced = True
+        self._loaded.update(n for n, _ in batch)
+
+    def _sampling_params(self, n: int, params: SamplingParams):
+        """vLLM's SamplingParams. Greedy asks for one sample (vLLM rejects n > 1 at
+        temperature 0; ``generate`` copies it) and no seed; top_k -1 is "off" in every
+        vLLM version (newer ones also take 0)."""
+        greedy = params.greedy
+        return self._vllm.SamplingParams(
+            n=1 if greedy else n, temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=params.top_k if params.top_k > 0 and not greedy else -1,
+            max_tokens=params.max_new_tokens, seed=None if greedy else params.seed,
+            logprobs=0 if params.return_logprobs else None, stop_token_ids=list(self.stop_ids))
 
     def generate(self, prompt_token_ids, n, params: SamplingParams):
-        if not self._weights_awake:
-            self.llm.wake_up(tags=["weights"])
-            self._weights_awake = True
-        if getattr(self, "_synced", False):
+        """``n`` completions per prompt ([P][n]); see ``Sampler.generate``.
+
+        Completions are cut before the first stop id (finish_reason "stop"); vLLM's
+        ``token_ids`` include the stop token, its logprob is dropped with it. A
+        completion that neither stopped nor reached max_new_tokens (prompt + response
+        hit max_model_len) raises RuntimeError rather than break the "length" contract.
+        """
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        for i, ids in enumerate(prompt_token_ids):
+            if len(ids) == 0:
+                raise ValueError(f"generate: prompt_token_ids[{i}] is empty; render the prompt "
+                                 f"(cepo.contexts.render_prompt) before sampling")
+        if not prompt_token_ids:
+            return []
+        if self.sleep_level == 2:
+            missing = {k for k in self.param_shapes if k not in self._loaded
+                       and k not in self._aliases and not k.endswith("rotary_emb.inv_freq")}
+            if missing:
+                raise RuntimeError(f"VLLMEngine: sleep_level 2 discarded the weights and "
+                                   f"{len(missing)} parameters (e.g. {sorted(missing)[0]!r}) "
+                                   f"were not loaded since; update_weights with all of them "
+                                   f"before each generate")
+        sp = self._sampling_params(n, params)
+        self._wake_weights()
+        if self._synced:
             self.llm.reset_prefix_cache()  # cached prefixes were computed with old weights
             self._synced = False
         self.llm.wake_up(tags=["kv_cache"])
-        sp = self._vllm.SamplingParams(
-            n=n, temperature=max(params.temperature, 0.0), top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-            seed=params.seed, logprobs=0 if params.return_logprobs else None)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], sp,
-                                    use_tqdm=False)
+        try:
+            requests = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+            outputs = self.llm.generate(requests, sp, use_tqdm=False)
+        finally:
+            self.llm.sleep(level=self.sleep_level)
+            self._weights_awake = False
+            self._loaded.clear()
+        if len(outputs) != len(prompt_token_ids):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for "
+                               f"{len(prompt_token_ids)} prompts")
         results = []
         for p, out in enumerate(outputs):
-            group = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                eos = self.tokenizer.eos_token_id
-                if eos in ids:
-                    ids = ids[:ids.index(eos)]
-                lps = None
-                if params.return_logprobs and c.logprobs is not None:
-                    lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids)]
-                group.append(Completion(p, ids, self.tokenizer.decode(ids, skip_special_tokens=True),
-                                        "stop" if c.finish_reason == "stop" else "length", lps))
+            group = [self._completion(p, c, params) for c in out.outputs]
+            if len(group) != sp.n:
+                raise RuntimeError(f"vLLM returned {len(group)} completions for prompt {p}, "
+                                   f"asked for {sp.n}")
+            group += [copy.deepcopy(group[0]) for _ in range(n - len(group))]  # greedy copies
             results.append(group)
-        self.llm.sleep(level=self.sleep_level)
-        self._weights_awake = False
         return results
 
+    def _completion(self, p: int, c, params: SamplingParams) -> Completion:
+        ids = [int(t) for t in c.token_ids]
+        stop = set(self.stop_ids)
+        cut = next((j for j, t in enumerate(ids) if t in stop), None)
+        if cut is not None:
+            kept, reason = ids[:cut], "stop"
+        elif c.finish_reason == "stop":  # stopped on an id vLLM knows as EOS; it is the last
+            kept, reason = ids[:-1], "stop"
+        elif len(ids) >= params.max_new_tokens:
+            kept, reason = ids[:params.max_new_tokens], "length"
+        else:
+            raise RuntimeError(
+                f"vLLM ended a completion after {len(ids)} of {params.max_new_tokens} tokens "
+                f"without a stop token (finish_reason {c.finish_reason!r}): prompt + "
+                f"max_new_tokens does not fit max_model_len, or the request was aborted")
+        lps = None
+        if params.return_logprobs:
+            if c.logprobs is None or len(c.logprobs) < len(kept):
+                raise RuntimeError("vLLM returned no logprobs (or too few) for a completion")
+            lps = [float(c.logprobs[j][tok].logprob) for j, tok in enumerate(kept)]
+        return Completion(p, kept, self.tokenizer.decode(kept, skip_special_tokens=True),
+                          reason, lps)
+
     def close(self) -> None:
-        del self.llm
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        """Drop the engine (and the CUDA cache it used). Idempotent."""
+        if getattr(self, "llm", None) is not None:
+            self.llm = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def choose_engine(requested: str, device_type: str, vllm_installed: bool) -> tuple[str, str | None]:

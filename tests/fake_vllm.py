@@ -1,0 +1,274 @@
+"""A stand-in for the parts of vLLM that ``cepo.sampler.vllm_engine`` uses, on CPU.
+
+Tests put this module in ``sys.modules["vllm"]`` (``install(monkeypatch)``). ``LLM`` runs
+a real tiny Hugging Face model (float32, CPU) with vLLM's documented behaviour, so that
+``check_sampler_conformance`` can run on ``VLLMEngine`` without a GPU:
+
+- ``SamplingParams``: vLLM's names and checks (n, temperature in [0, 2], top_p, top_k
+  with 0 / -1 off, seed, max_tokens, logprobs, stop_token_ids); temperature 0 is greedy
+  and then only n = 1 is accepted. Child ``i`` of a seeded request uses seed + i.
+- Stopping: at the tokenizer's EOS, at a generation_config.json EOS or at any of
+  ``stop_token_ids``; the stop token stays in ``token_ids`` (and in ``logprobs``),
+  finish_reason "stop", else "length" at max_tokens (or max_model_len).
+- ``logprobs=k``: per token a dict {token_id: Logprob} with the sampled token and the k
+  most likely, from the processed distribution ("processed_logprobs": temperature,
+  top-k, top-p applied and renormalised; raw log_softmax when greedy).
+- Sleep mode: ``sleep(1)`` backs the weights up, ``sleep(2)`` discards them (NaN);
+  ``wake_up(["weights"])`` restores the backup, ``wake_up(["kv_cache"])`` the cache.
+  Generating while either is asleep, or ``collective_rpc`` while the weights are,
+  raises. Waking an awake part does nothing (vLLM warns).
+- ``collective_rpc(method, args=...)`` calls the method on a worker that has
+  ``worker_extension_cls`` mixed in; its ``model_runner.model.load_weights`` copies
+  Hugging Face-named tensors, raising KeyError on an unknown name and skipping
+  ``lm_head.*`` of a tied model, as vLLM's Llama / Qwen models do.
+- Touching ``LLM.llm_engine`` (gone from the V1 route, vLLM #16434) raises.
+
+Every call on ``LLM`` is appended to ``LLM.calls`` (a per-instance list).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+_SAMPLING_EPS = 1e-5
+ENGINE_ARGS = {"tokenizer", "tensor_parallel_size", "distributed_executor_backend",
+               "enable_sleep_mode", "seed", "gpu_memory_utilization", "dtype",
+               "enable_prefix_caching", "worker_extension_cls", "logprobs_mode",
+               "max_model_len", "max_num_seqs", "enforce_eager", "generation_config"}
+
+
+def install(monkeypatch) -> types.ModuleType:
+    """Make ``import vllm`` return this module for the test."""
+    monkeypatch.setitem(sys.modules, "vllm", sys.modules[__name__])
+    return sys.modules[__name__]
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must contain only integers, "
+                             f"got {self.stop_token_ids}.")
+        if self.temperature < _SAMPLING_EPS:
+            self.top_p, self.top_k = 1.0, 0
+            if self.n > 1:
+                raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+
+
+def top_k_top_p(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    """vLLM's apply_top_k_top_p for one row: ascending sort, drop below the k-th
+    largest, then drop the low tail whose mass is <= 1 - p (keeping at least one)."""
+    if k <= 0 and p >= 1.0:
+        return logits
+    values, order = logits.sort(descending=False)
+    if k > 0:
+        values = values.masked_fill(values < values[max(values.numel() - k, 0)], -float("inf"))
+    if p < 1.0:
+        drop = values.softmax(-1).cumsum(-1) <= 1 - p
+        drop[-1] = False
+        values = values.masked_fill(drop, -float("inf"))
+    return torch.empty_like(logits).scatter_(0, order, values)
+
+
+class _Model(torch.nn.Module):
+    """What ``model_runner.model`` offers the worker extension: ``load_weights``."""
+
+    def __init__(self, hf, tied: bool):
+        super().__init__()
+        self.hf, self.tied = hf, tied
+
+    @torch.no_grad()
+    def load_weights(self, weights) -> set[str]:
+        params = dict(self.hf.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            if self.tied and name.startswith("lm_head."):
+                continue  # AutoWeightsLoader(skip_prefixes=["lm_head."]) when tied
+            param = params[name]  # KeyError on an unknown name
+            assert param.shape == tensor.shape, \
+                f"Attempted to load weight ({tensor.shape}) into parameter ({param.shape})"
+            param.copy_(tensor)
+            loaded.add(name)
+        return loaded
+
+
+class _Worker:
+    def __init__(self, model: _Model):
+        self.model_runner = types.SimpleNamespace(model=model)
+
+
+def _resolve(qualname: str):
+    module, _, name = qualname.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class LLM:
+    def __init__(self, model: str, **kwargs):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        unknown = set(kwargs) - ENGINE_ARGS
+        if unknown:
+            raise TypeError(f"EngineArgs got unexpected keyword arguments {sorted(unknown)}")
+        if kwargs.get("logprobs_mode", "raw_logprobs") != "processed_logprobs":
+            raise NotImplementedError("fake vLLM: only logprobs_mode='processed_logprobs'")
+        self.kwargs = kwargs
+        self.calls: list[tuple] = [("init",)]
+        self.llm_engine_touched = False
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
+                                                  local_files_only=True).eval()
+        self._tokenizer = AutoTokenizer.from_pretrained(model)
+        self._eos = self._tokenizer.eos_token_id  # vLLM's primary EOS: its tokenizer's
+        gen_eos = GenerationConfig.from_pretrained(model).eos_token_id
+        self._gen_stop = {gen_eos} if isinstance(gen_eos, int) else set(gen_eos or ())
+        self.max_model_len = kwargs.get("max_model_len") or hf.config.max_position_embeddings
+        self._rng = torch.Generator().manual_seed(kwargs.get("seed", 0))
+        ext = kwargs.get("worker_extension_cls")
+        worker_cls = type("Worker", (_Worker, _resolve(ext)) if ext else (_Worker,), {})
+        self.worker = worker_cls(_Model(hf, bool(hf.config.tie_word_embeddings)))
+        self.awake = {"weights": True, "kv_cache": True}
+        self._backup = None
+
+    @property
+    def llm_engine(self):
+        self.llm_engine_touched = True
+        raise AssertionError("LLM.llm_engine touched: the V1 route is collective_rpc (vLLM #16434)")
+
+    @property
+    def _hf(self):
+        return self.worker.model_runner.model.hf
+
+    def sleep(self, level: int = 1) -> None:
+        if not self.kwargs.get("enable_sleep_mode"):
+            raise AssertionError("Sleep mode is not enabled")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level {level}")
+        self.calls.append(("sleep", level))
+        params = dict(self._hf.named_parameters())
+        if level == 1:
+            self._backup = {n: p.detach().clone() for n, p in params.items()}
+        else:
+            self._backup = None
+            with torch.no_grad():
+                for p in params.values():
+                    p.fill_(float("nan"))
+        self.awake = dict.fromkeys(self.awake, False)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        tags = list(tags) if tags is not None else list(self.awake)
+        if not set(tags) <= set(self.awake):
+            raise ValueError(f"unknown sleep tags {tags}")
+        self.calls.append(("wake_up", tuple(tags)))
+        if "weights" in tags and not self.awake["weights"] and self._backup is not None:
+            with torch.no_grad():
+                for n, p in self._hf.named_parameters():
+                    p.copy_(self._backup[n])
+        for tag in tags:
+            self.awake[tag] = True
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None) -> list:
+        if not self.awake["weights"]:
+            raise RuntimeError("collective_rpc while the weights sleep: writes are lost "
+                               "(TRL #5142)")
+        name = method if isinstance(method, str) else method.__name__
+        self.calls.append(("collective_rpc", name))
+        fn = (getattr(self.worker, method) if isinstance(method, str)
+              else functools.partial(method, self.worker))
+        return [fn(*args, **(kwargs or {}))]
+
+    def reset_prefix_cache(self, *args, **kwargs) -> bool:
+        self.calls.append(("reset_prefix_cache",))
+        return True
+
+    @torch.no_grad()
+    def generate(self, prompts, sampling_params: SamplingParams | None = None, use_tqdm=True):
+        if not all(self.awake.values()):
+            raise RuntimeError(f"generate while asleep: {self.awake}")
+        sp = sampling_params or SamplingParams()
+        self.calls.append(("generate", len(prompts), sp.n))
+        self.last_sampling_params = sp
+        out = []
+        for i, prompt in enumerate(prompts):
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            if len(ids) >= self.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens >= max_model_len")
+            out.append(RequestOutput(str(i), ids, [self._sample(ids, sp, k) for k in range(sp.n)]))
+        return out
+
+    def _sample(self, prompt: list[int], sp: SamplingParams, index: int) -> CompletionOutput:
+        rng = self._rng if sp.seed is None else torch.Generator().manual_seed(sp.seed + index)
+        greedy = sp.temperature < _SAMPLING_EPS
+        tokens, logprobs, reason, stop_reason = [], [], None, None
+        while reason is None:
+            logits = self._hf(torch.tensor([prompt + tokens])).logits[0, -1].float()
+            if not greedy:
+                logits = top_k_top_p(logits / sp.temperature, sp.top_k, sp.top_p)
+            lp = logits.log_softmax(-1)
+            tok = int(lp.argmax()) if greedy else int(torch.multinomial(lp.exp(), 1, generator=rng))
+            tokens.append(tok)
+            if sp.logprobs is not None:
+                top = lp.topk(sp.logprobs).indices.tolist() if sp.logprobs else []
+                logprobs.append({t: Logprob(float(lp[t])) for t in [tok] + top})
+            if tok == self._eos:
+                reason = "stop"
+            elif tok in self._gen_stop or tok in sp.stop_token_ids:
+                reason, stop_reason = "stop", tok
+            elif len(tokens) >= sp.max_tokens or len(prompt) + len(tokens) >= self.max_model_len:
+                reason = "length"
+        shown = tokens[:-1] if reason == "stop" else tokens
+        return CompletionOutput(index, self._tokenizer.decode(shown, skip_special_tokens=True),
+                                tokens, None, logprobs if sp.logprobs is not None else None,
+                                reason, stop_reason)

@@ -116,9 +116,9 @@ class TrainConfig:
     """A user reward function module:function(response, answer) -> float replacing math-verify."""
 
     # --- optimisation ----------------------------------------------------------------
-    steps: int = 50
+    steps: int = 120
     """Training steps (one rollout batch each)."""
-    lr: float = 2e-4
+    lr: float = 1e-4
     """Peak learning rate (AdamW). Paper: 5e-6 (CEPO) for billion-parameter models."""
     weight_decay: float = 0.0
     """AdamW weight decay."""

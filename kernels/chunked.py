@@ -38,7 +38,8 @@ def _tiles(num_rows: int, vocab: int) -> tuple[int, int]:
 
 def _logits_tile(h, weight, v0, v1, inv_temp, acc):
     """[rows, v1 - v0] tempered logits in the accumulation dtype."""
-    return (h.to(acc) @ weight[v0:v1].to(acc).T).mul_(inv_temp)
+    z = h.to(acc) @ weight[v0:v1].to(acc).T
+    return z if inv_temp == 1.0 else z.mul_(inv_temp)
 
 
 def _chunk_forward(h, weight, y, inv_temp, acc, vocab_tile, with_entropy):
@@ -51,16 +52,22 @@ def _chunk_forward(h, weight, y, inv_temp, acc, vocab_tile, with_entropy):
     for v0 in range(0, vocab, vocab_tile):
         v1 = min(v0 + vocab_tile, vocab)
         z = _logits_tile(h, weight, v0, v1, inv_temp, acc)
-        m_new = torch.maximum(m, z.amax(dim=1))
-        scale = torch.exp(m - m_new)
-        e = torch.exp(z - m_new[:, None])
-        s = s * scale + e.sum(dim=1)
-        if with_entropy:
-            t = t * scale + (e * z).sum(dim=1)
-        del e
         in_tile = (y >= v0) & (y < v1)
         picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0]
         z_target = torch.where(in_tile, picked, z_target)
+        m_new = torch.maximum(m, z.amax(dim=1))
+        scale = torch.exp(m - m_new)
+        # in place: a fresh [rows, tile] buffer per step costs page faults on CPU
+        zc = z.sub_(m_new[:, None])  # z - m_new
+        if with_entropy:  # sum_j e_j z_j = sum_j e_j (z_j - m_new) + m_new sum_j e_j
+            e = torch.exp(zc)
+            e_sum = e.sum(dim=1)
+            t = t * scale + torch.linalg.vecdot(e, zc) + m_new * e_sum
+            del e
+        else:
+            e_sum = zc.exp_().sum(dim=1)
+        s = s * scale + e_sum
+        del z, zc
         m = m_new
     lse = m + torch.log(s)
     return z_target, lse, (lse - t / s if with_entropy else None)
@@ -110,11 +117,10 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
         for v0 in range(0, vocab, vocab_tile):
             v1 = min(v0 + vocab_tile, vocab)
             zc = _logits_tile(h, weight, v0, v1, inv_temp, acc).sub_(lse[r0:r1, None])
-            g = torch.exp(zc)
-            if c is not None:
-                g.mul_(b[r0:r1, None] - c[r0:r1, None] * zc)
-            else:
-                g.mul_(b[r0:r1, None])
+            if c is not None:  # p (b - c zc), with one [rows, tile] buffer besides zc
+                g = zc.mul(-c[r0:r1, None]).add_(b[r0:r1, None]).mul_(zc.exp_())
+            else:  # p b, in place
+                g = zc.exp_().mul_(b[r0:r1, None])
             del zc
             yc = y[r0:r1]
             in_tile = (yc >= v0) & (yc < v1)

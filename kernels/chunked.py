@@ -21,7 +21,9 @@ from ._types import Evidence
 TILE_ELEMENTS = 1 << 22
 """Largest logits tile, in elements (16 MiB in fp32). Lower it to trade speed for memory."""
 
-MAX_VOCAB_TILE = 1 << 15
+MAX_VOCAB_TILE = 1 << 12
+"""Largest vocabulary tile: small enough that one upcast weight tile ([tile, H] fp32) stays
+in cache while every row chunk passes over it; rows per chunk fill TILE_ELEMENTS."""
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,87 +38,80 @@ def _tiles(num_rows: int, vocab: int) -> tuple[int, int]:
     return rows, vocab_tile
 
 
-def _logits_tile(h, weight, v0, v1, inv_temp, acc):
-    """[rows, v1 - v0] tempered logits in the accumulation dtype."""
-    z = h.to(acc) @ weight[v0:v1].to(acc).T
+def _tempered(z: torch.Tensor, inv_temp: float) -> torch.Tensor:
     return z if inv_temp == 1.0 else z.mul_(inv_temp)
-
-
-def _chunk_forward(h, weight, y, inv_temp, acc, vocab_tile, with_entropy):
-    """Online logsumexp over vocabulary tiles for one row chunk: (target logit, lse, entropy)."""
-    vocab, n = weight.shape[0], h.shape[0]
-    m = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
-    s = torch.zeros(n, dtype=acc, device=h.device)
-    t = torch.zeros(n, dtype=acc, device=h.device) if with_entropy else None
-    z_target = torch.zeros(n, dtype=acc, device=h.device)
-    for v0 in range(0, vocab, vocab_tile):
-        v1 = min(v0 + vocab_tile, vocab)
-        z = _logits_tile(h, weight, v0, v1, inv_temp, acc)
-        in_tile = (y >= v0) & (y < v1)
-        picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0]
-        z_target = torch.where(in_tile, picked, z_target)
-        m_new = torch.maximum(m, z.amax(dim=1))
-        scale = torch.exp(m - m_new)
-        # in place: a fresh [rows, tile] buffer per step costs page faults on CPU
-        zc = z.sub_(m_new[:, None])  # z - m_new
-        if with_entropy:  # sum_j e_j z_j = sum_j e_j (z_j - m_new) + m_new sum_j e_j
-            e = torch.exp(zc)
-            e_sum = e.sum(dim=1)
-            t = t * scale + torch.linalg.vecdot(e, zc) + m_new * e_sum
-            del e
-        else:
-            e_sum = zc.exp_().sum(dim=1)
-        s = s * scale + e_sum
-        del z, zc
-        m = m_new
-    lse = m + torch.log(s)
-    return z_target, lse, (lse - t / s if with_entropy else None)
 
 
 def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
     """Log-probs of y under each hidden block [N, H]: (lp [K, N], lse [K, N], entropy [K, N] | None).
 
     y [N] holds valid token ids (ignored positions replaced by 0); valid [N] bool.
+    Vocabulary tiles are the outer loop: each weight tile is read (and upcast) once and
+    used for every row chunk of every block; the online logsumexp state is kept per row.
     """
     acc = acc_dtype(weight.dtype)
     k, n, vocab = len(hiddens), y.shape[0], weight.shape[0]
     inv_temp = 1.0 / temperature
     rows, vocab_tile = _tiles(n, vocab)
-    lp = torch.empty(k, n, dtype=acc, device=weight.device)
-    lse = torch.empty(k, n, dtype=acc, device=weight.device)
-    ent = torch.empty(k, n, dtype=acc, device=weight.device) if with_entropy else None
-    for i, hidden in enumerate(hiddens):
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            zt, lse_c, ent_c = _chunk_forward(hidden[r0:r1], weight, y[r0:r1], inv_temp, acc,
-                                              vocab_tile, with_entropy)
-            lp[i, r0:r1] = torch.where(valid[r0:r1], zt - lse_c, torch.zeros_like(zt))
-            lse[i, r0:r1] = lse_c
-            if with_entropy:
-                ent[i, r0:r1] = ent_c
+    dev = weight.device
+    hs = [h.to(acc) for h in hiddens]  # [N, H] each (no copy in fp32)
+    m = torch.full((k, n), float("-inf"), dtype=acc, device=dev)
+    s = torch.zeros(k, n, dtype=acc, device=dev)
+    t = torch.zeros(k, n, dtype=acc, device=dev) if with_entropy else None
+    z_target = torch.zeros(k, n, dtype=acc, device=dev)
+    for v0 in range(0, vocab, vocab_tile):
+        v1 = min(v0 + vocab_tile, vocab)
+        w_t = weight[v0:v1].to(acc).T  # [H, tile], upcast once per tile
+        in_tile = (y >= v0) & (y < v1)
+        local = (y - v0).clamp(0, v1 - v0 - 1)
+        for i, h in enumerate(hs):
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                z = _tempered(h[r0:r1] @ w_t, inv_temp)
+                picked = z.gather(1, local[r0:r1, None])[:, 0]
+                z_target[i, r0:r1] = torch.where(in_tile[r0:r1], picked, z_target[i, r0:r1])
+                m_old = m[i, r0:r1]
+                m_new = torch.maximum(m_old, z.amax(dim=1))
+                scale = torch.exp(m_old - m_new)
+                # in place: a fresh [rows, tile] buffer per step costs page faults on CPU
+                zc = z.sub_(m_new[:, None])  # z - m_new
+                if with_entropy:  # sum_j e_j z_j = sum_j e_j (z_j - m_new) + m_new sum_j e_j
+                    e = torch.exp(zc)
+                    e_sum = e.sum(dim=1)
+                    t[i, r0:r1] = (t[i, r0:r1] * scale + torch.linalg.vecdot(e, zc)
+                                   + m_new * e_sum)
+                    del e
+                else:
+                    e_sum = zc.exp_().sum(dim=1)
+                s[i, r0:r1] = s[i, r0:r1] * scale + e_sum
+                m[i, r0:r1] = m_new
+                del z, zc
+    lse = m + torch.log(s)
+    lp = torch.where(valid, z_target - lse, torch.zeros_like(lse))
+    ent = lse - t / s if with_entropy else None
     return lp, lse, ent
 
 
 def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     """(dh, dW) in the input dtypes (None where not needed) for d loss / d z_j =
     a onehot_j + p_j (b - c (z_j - lse)), z the tempered logits, per-row a, b, c [N]
-    (c may be None). Tile by tile: dh += dz W, dW += dz^T h, never storing [N, V].
+    (c may be None). Tile by tile: dh += dz W, dW += dz^T h, never storing [N, V];
+    vocabulary tiles outer (each weight tile upcast once, its dW finished in place).
     """
     acc = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
     rows, vocab_tile = _tiles(n, vocab)
     inv_temp = 1.0 / temperature
+    h_acc = hidden.to(acc)  # [N, H]
     dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        h = hidden[r0:r1]
-        h_acc = h.to(acc)
-        dh_c = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
-        idx = torch.arange(r1 - r0, device=h.device)
-        for v0 in range(0, vocab, vocab_tile):
-            v1 = min(v0 + vocab_tile, vocab)
-            zc = _logits_tile(h, weight, v0, v1, inv_temp, acc).sub_(lse[r0:r1, None])
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    for v0 in range(0, vocab, vocab_tile):
+        v1 = min(v0 + vocab_tile, vocab)
+        w = weight[v0:v1].to(acc)  # [tile, H]
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            h = h_acc[r0:r1]
+            zc = _tempered(h @ w.T, inv_temp).sub_(lse[r0:r1, None])
             if c is not None:  # p (b - c zc), with one [rows, tile] buffer besides zc
                 g = zc.mul(-c[r0:r1, None]).add_(b[r0:r1, None]).mul_(zc.exp_())
             else:  # p b, in place
@@ -124,15 +119,17 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
             del zc
             yc = y[r0:r1]
             in_tile = (yc >= v0) & (yc < v1)
-            g[idx[in_tile], yc[in_tile] - v0] += a[r0:r1][in_tile]
-            g.mul_(inv_temp)
+            rows_in = torch.nonzero(in_tile)[:, 0]
+            g[rows_in, yc[rows_in] - v0] += a[r0:r1][rows_in]
+            if inv_temp != 1.0:
+                g.mul_(inv_temp)
             if need_h:
-                dh_c.addmm_(g, weight[v0:v1].to(acc))
+                dh[r0:r1].addmm_(g, w)
             if need_w:
-                dweight[v0:v1].addmm_(g.T, h_acc)
-        if need_h:
-            dh[r0:r1] = dh_c
-    return dh, (dweight.to(weight.dtype) if need_w else None)
+                dweight[v0:v1].addmm_(g.T, h)
+            del g
+    return (dh.to(hidden.dtype) if need_h else None,
+            dweight.to(weight.dtype) if need_w else None)
 
 
 def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,

@@ -1,0 +1,1 @@
+"""Kernel benchmarks of cepo_kernels against peers: run with `pytest bench/` (see README.md)."""

@@ -1,0 +1,561 @@
+"""The contenders of the kernel benchmarks: one function per contender per op.
+
+Each function takes the prepared inputs of one benchmark point (``make_inputs``) and
+returns either a zero-argument callable that runs the contender once on them, or an
+``NA`` saying why it cannot run here. Every callable of an op returns the same thing,
+so outputs can be compared with ours before anything is timed:
+
+- ``logprobs``:  log p(y_t) [N] (forward only, no gradient);
+- ``evidence``:  (lp_policy, lp_pos, lp_neg, token_advantages), each [N] (forward only);
+- ``ppo_loss``:  (loss, d loss / d hidden, d loss / d weight): forward and backward.
+
+Peers without a three-context op do the same work as three separate log-prob calls
+plus the epilogue in PyTorch (``cepo_kernels._math.evidence_epilogue``); peers without
+a PPO loss get their log-probs from their own op and the PPO surrogate in PyTorch, with
+autograd through it. The floor is the bare LM-head matrix products (``torch.matmul``)
+the op cannot avoid: one for ``logprobs``, three for ``evidence``, and the forward
+product plus the two backward products (dh = dz W, dW = dz^T h) for ``ppo_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+import cepo_kernels
+from cepo_kernels import _math
+
+OPS = ("logprobs", "evidence", "ppo_loss")
+HEAD_PRODUCTS = {"logprobs": 1, "evidence": 3, "ppo_loss": 3}
+CLIP_LOW, CLIP_HIGH = 0.2, 0.28
+LAM, EPS_W = 0.5, 0.2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Qwen2/2.5 hidden sizes with their 151,936-token vocabulary, and Llama-3 8B.
+FULL_HEADS = ((896, 151_936), (1536, 151_936), (2048, 151_936), (3584, 151_936),
+              (4096, 151_936), (4096, 128_256))
+FULL_N = (1024, 4096, 16_384, 32_768)
+
+COMPILE_BUDGET_S = 60.0
+"""On CPU, torch.compile is skipped for the rest of the session once it has spent this long compiling."""
+
+compile_spent_s = 0.0
+
+
+# --------------------------------------------------------------------------- points
+
+@dataclass(frozen=True)
+class Point:
+    """One benchmark point: an op at one shape (N response tokens, vocabulary V, hidden H) and dtype."""
+    op: str
+    N: int
+    V: int
+    H: int
+    dtype: str
+    seq_len: int  # tokens per sequence (Liger's GRPO loss takes [B, T, H]; advantages are per sequence)
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-N{self.N}-V{self.V}-H{self.H}-{self.dtype}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def flops(self) -> float:
+        """2 N V H per LM-head product the op must do."""
+        return 2.0 * self.N * self.V * self.H * HEAD_PRODUCTS[self.op]
+
+
+def points(size: str, device: str) -> list[Point]:
+    """The benchmark matrix: 'tiny' (smoke test), 'small' (the CPU matrix) or 'full' (model heads)."""
+    cuda = torch.device(device).type == "cuda"
+    if size == "tiny":
+        heads, ns = ((64, 4096),), (256, 512)
+        dtypes = ("bf16",) if cuda else ("fp32", "bf16")
+    elif size == "small":
+        heads, ns = ((256, 32_000),), (256, 1024, 4096)
+        dtypes = ("bf16",) if cuda else ("fp32", "bf16")
+    elif size == "full":
+        heads, ns, dtypes = FULL_HEADS, FULL_N, ("bf16",)
+    else:
+        raise ValueError(f"unknown benchmark size {size!r} (tiny | small | full)")
+    out = []
+    for op in OPS:
+        for dtype in dtypes:
+            for h, v in heads:
+                for n in ns:
+                    out.append(Point(op, n, v, h, dtype, seq_len=min(n, 1024)))
+    return out
+
+
+# --------------------------------------------------------------------------- inputs
+
+def make_inputs(point: Point, device, seed: int = 0) -> SimpleNamespace:
+    """Seeded inputs for one point; the same object is handed to every contender.
+
+    Drawn on the device itself (a 151,936 x 4,096 head would take seconds on the host).
+    Logits have a standard deviation of about 2 (weight ~ N(0, 4 / H), hidden ~ N(0, 1));
+    responses are ``seq_len``-token sequences with one advantage each. For the PPO loss
+    each sequence keeps a random length in [T/2, T] (mask), and the old log-probs are
+    the current ones plus N(0, 0.1) noise so that both clip bounds bind on some tokens.
+    """
+    device = torch.device(device)
+    dt = point.torch_dtype
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    n, v, h = point.N, point.V, point.H
+    t = point.seq_len
+    b = n // t
+
+    def randn(*shape, scale=1.0):
+        x = torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+        return (x.mul_(scale) if scale != 1.0 else x).to(dt)
+
+    weight = randn(v, h, scale=2.0 / math.sqrt(h))
+    targets = torch.randint(0, v, (n,), generator=g, device=device)
+    seq_adv = torch.randn(b, generator=g, device=device)
+    inp = SimpleNamespace(point=point, device=device, weight=weight, targets=targets, B=b, T=t,
+                          seq_advantages=seq_adv, advantages=seq_adv.repeat_interleave(t))
+    if point.op == "logprobs":
+        inp.hidden = randn(n, h)
+    elif point.op == "evidence":
+        base = torch.randn(n, h, generator=g, device=device)
+        inp.h_policy = base.to(dt)
+        inp.h_pos = (base + 0.3 * torch.randn(n, h, generator=g, device=device)).to(dt)
+        inp.h_neg = base.add_(0.3 * torch.randn(n, h, generator=g, device=device)).to(dt)
+        del base
+        has_neg = torch.rand(b, generator=g, device=device) < 0.8
+        inp.has_negative = has_neg.repeat_interleave(t)
+        inp.valid = torch.ones(n, dtype=torch.bool, device=device)
+    elif point.op == "ppo_loss":
+        inp.hidden = randn(n, h).requires_grad_(True)
+        inp.weight = weight.requires_grad_(True)
+        lengths = torch.randint(t // 2, t + 1, (b,), generator=g, device=device)
+        inp.mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).reshape(-1)
+        with torch.no_grad():  # current log-probs, row chunk by row chunk (cheaper than ours on CPU)
+            rows = chunk_rows(n, v, device)
+            lp = torch.cat([_chunk_logprobs(inp.hidden[r0:r0 + rows].detach(), weight.detach(),
+                                            targets[r0:r0 + rows]) for r0 in range(0, n, rows)])
+        inp.old_logprobs = lp + 0.1 * torch.randn(n, generator=g, device=device)
+        del lp
+    else:
+        raise ValueError(point.op)
+    return inp
+
+
+@dataclass
+class NA:
+    """A contender that cannot run here, and why (status 'n/a' or 'skipped')."""
+    reason: str
+    status: str = "n/a"
+
+
+def _is_cuda(inp) -> bool:
+    return inp.device.type == "cuda"
+
+
+def ppo_surrogate(lp, old, adv, mask):
+    """Token-mean PPO clipped surrogate in PyTorch (for peers without a fused PPO loss)."""
+    ratio = torch.exp(lp - old)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1.0 - CLIP_LOW, 1.0 + CLIP_HIGH) * adv)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _grads(loss, inp):
+    dh, dw = torch.autograd.grad(loss, [inp.hidden, inp.weight])
+    return loss.detach(), dh, dw
+
+
+def _three(lp_fn, inp):
+    """Evidence from a single-context log-prob function: three calls plus the epilogue."""
+    def run():
+        with torch.no_grad():
+            lps = [lp_fn(x) for x in (inp.h_policy, inp.h_pos, inp.h_neg)]
+            _, token_adv, _ = _math.evidence_epilogue(
+                lps[0], lps[1], lps[2], inp.advantages, inp.has_negative, inp.valid,
+                lam=LAM, eps_w=EPS_W)
+        return lps[0], lps[1], lps[2], token_adv
+    return run
+
+
+# --------------------------------------------------------------------------- ours
+
+def ours_logprobs(inp):
+    """cepo_kernels.fused_logprobs (backend auto), forward only."""
+    def run():
+        with torch.no_grad():
+            return cepo_kernels.fused_logprobs(inp.hidden, inp.weight, inp.targets, backend="auto").logprobs
+    return run
+
+
+def ours_evidence(inp):
+    """cepo_kernels.contrastive_evidence (backend auto): three contexts and the epilogue."""
+    def run():
+        out = cepo_kernels.contrastive_evidence(
+            inp.h_policy, inp.h_pos, inp.h_neg, inp.weight, inp.targets, inp.advantages,
+            inp.has_negative, lam=LAM, eps_w=EPS_W, backend="auto")
+        return out.lp_policy, out.lp_pos, out.lp_neg, out.token_advantages
+    return run
+
+
+def ours_ppo_loss(inp):
+    """cepo_kernels.fused_linear_ppo_loss (backend auto), then the gradients of the loss."""
+    def run():
+        loss, _ = cepo_kernels.fused_linear_ppo_loss(
+            inp.hidden, inp.weight, inp.targets, inp.old_logprobs, inp.advantages, inp.mask,
+            clip_low=CLIP_LOW, clip_high=CLIP_HIGH, backend="auto")
+        return _grads(loss, inp)
+    return run
+
+
+# --------------------------------------------------------------------------- naive PyTorch
+
+def _naive_lp(hidden, weight, targets):
+    """Materialised [N, V] logits, log_softmax, gather: the way it is usually written."""
+    logits = (hidden @ weight.T).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def naive_logprobs(inp):
+    """Materialised logits, log_softmax, gather."""
+    def run():
+        with torch.no_grad():
+            return _naive_lp(inp.hidden, inp.weight, inp.targets)
+    return run
+
+
+def naive_evidence(inp):
+    """Three naive log-prob calls plus the epilogue."""
+    return _three(lambda h: _naive_lp(h, inp.weight, inp.targets), inp)
+
+
+def naive_ppo_loss(inp):
+    """Naive log-probs, the PPO surrogate in torch, autograd backward."""
+    def run():
+        lp = _naive_lp(inp.hidden, inp.weight, inp.targets)
+        return _grads(ppo_surrogate(lp, inp.old_logprobs, inp.advantages, inp.mask), inp)
+    return run
+
+
+# --------------------------------------------------------------------------- torch.compile of a chunked version
+
+def _chunk_logprobs(hidden, weight, targets):
+    """log p(targets) for one row chunk: [rows, V] logits at most."""
+    z = (hidden @ weight.T).float()
+    lse = torch.logsumexp(z, dim=-1)
+    return z.gather(1, targets[:, None]).squeeze(1) - lse
+
+
+def _chunk_ppo(hidden, weight, targets, old, adv, m, inv_denom):
+    """PPO surrogate of one row chunk and its gradients, written out (no autograd):
+    d lp / d z = onehot - p, so dz = dlp (onehot - p); dh = dz W, dW = dz^T h."""
+    z = (hidden @ weight.T).float()
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(1, targets[:, None]).squeeze(1) - lse
+    ratio = torch.exp(lp - old)
+    s1 = ratio * adv
+    s2 = ratio.clamp(1.0 - CLIP_LOW, 1.0 + CLIP_HIGH) * adv
+    loss = (-torch.minimum(s1, s2) * m).sum() * inv_denom
+    active = torch.where(adv >= 0, ratio <= 1.0 + CLIP_HIGH, ratio >= 1.0 - CLIP_LOW)
+    dlp = torch.where(active, -s1, torch.zeros_like(s1)) * m * inv_denom
+    dz = (-dlp[:, None]) * torch.exp(z - lse[:, None])
+    dz = dz.scatter_add(1, targets[:, None], dlp[:, None]).to(hidden.dtype)
+    return loss, dz @ weight, dz.T @ hidden
+
+
+_compiled: dict = {}
+
+
+def _compiled_fn(fn):
+    if fn not in _compiled:
+        import torch._dynamo
+        for name in ("cache_size_limit", "recompile_limit"):  # one graph per (rows, V, H, dtype)
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
+def chunk_rows(n: int, v: int, device) -> int:
+    """Rows per chunk: the largest power of two whose fp32 [rows, V] logits fit in
+    32 MiB on CPU (like our chunked engine's 16 MiB tiles) or 1 GiB on CUDA."""
+    budget = (1 << 30) if torch.device(device).type == "cuda" else (1 << 25)
+    rows = 1 << max(0, int(math.floor(math.log2(max(1, budget // (4 * v))))))
+    return max(1, min(n, rows))
+
+
+def _compile_unavailable(inp):
+    if _is_cuda(inp):
+        return None
+    if compile_spent_s > COMPILE_BUDGET_S:
+        return NA(f"skipped on CPU: torch.compile already spent {compile_spent_s:.0f} s compiling "
+                  f"in this session (> {COMPILE_BUDGET_S:.0f} s budget)", status="skipped")
+    return None
+
+
+def add_compile_time(seconds: float) -> None:
+    """Count seconds of torch.compile compilation against the CPU session budget."""
+    global compile_spent_s
+    compile_spent_s += max(0.0, seconds)
+
+
+def _compiled_lp(inp, hidden):
+    f = _compiled_fn(_chunk_logprobs)
+    n = hidden.shape[0]
+    rows = chunk_rows(n, inp.point.V, inp.device)
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, n, rows):
+        out[r0:r0 + rows] = f(hidden[r0:r0 + rows], inp.weight, inp.targets[r0:r0 + rows])
+    return out
+
+
+def compile_logprobs(inp):
+    """torch.compile of the row-chunked log-prob function, forward only."""
+    na = _compile_unavailable(inp)
+    if na:
+        return na
+
+    def run():
+        with torch.no_grad():
+            return _compiled_lp(inp, inp.hidden)
+    return run
+
+
+def compile_evidence(inp):
+    """Three compiled chunked log-prob calls plus the epilogue."""
+    na = _compile_unavailable(inp)
+    if na:
+        return na
+    return _three(lambda h: _compiled_lp(inp, h), inp)
+
+
+def compile_ppo_loss(inp):
+    """torch.compile of the row-chunked PPO loss with its gradients written out."""
+    na = _compile_unavailable(inp)
+    if na:
+        return na
+    f = _compiled_fn(_chunk_ppo)
+    hidden, weight = inp.hidden.detach(), inp.weight.detach()  # gradients are written out: no autograd graph
+    n, v, h = hidden.shape[0], weight.shape[0], weight.shape[1]
+    rows = chunk_rows(n, v, inp.device)
+
+    def run():
+        with torch.no_grad():
+            m = inp.mask.float()
+            inv_denom = 1.0 / m.sum().clamp(min=1.0)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            dh = torch.empty_like(hidden)
+            dw = torch.zeros(v, h, dtype=torch.float32, device=weight.device)
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                l_c, dh_c, dw_c = f(hidden[r0:r1], weight, inp.targets[r0:r1], inp.old_logprobs[r0:r1],
+                                    inp.advantages[r0:r1], m[r0:r1], inv_denom)
+                loss += l_c
+                dh[r0:r1] = dh_c
+                dw += dw_c
+            return loss, dh, dw.to(weight.dtype)
+    return run
+
+
+# --------------------------------------------------------------------------- Liger-Kernel
+
+def _liger_flce(inp):
+    """LigerFusedLinearCrossEntropyLoss(reduction='none'): Triton, so CUDA only."""
+    if not _is_cuda(inp):
+        return NA("n/a (Triton, CUDA only)")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception as e:  # pragma: no cover - depends on the install
+        return NA(f"n/a: liger-kernel not importable ({type(e).__name__}: {e})")
+    return LigerFusedLinearCrossEntropyLoss(reduction="none")
+
+
+def liger_logprobs(inp):
+    """Liger fused linear cross entropy (reduction='none'): log-probs = -loss."""
+    flce = _liger_flce(inp)
+    if isinstance(flce, NA):
+        return flce
+
+    def run():
+        with torch.no_grad():
+            return -flce(inp.weight, inp.hidden, inp.targets)
+    return run
+
+
+def liger_evidence(inp):
+    """Three Liger FLCE calls plus the epilogue."""
+    flce = _liger_flce(inp)
+    if isinstance(flce, NA):
+        return flce
+    return _three(lambda h: -flce(inp.weight, h, inp.targets), inp)
+
+
+def liger_flce_ppo_loss(inp):
+    """Liger's fused linear cross entropy for the log-probs, the PPO surrogate in torch."""
+    flce = _liger_flce(inp)
+    if isinstance(flce, NA):
+        return flce
+
+    def run():
+        lp = -flce(inp.weight, inp.hidden, inp.targets)
+        return _grads(ppo_surrogate(lp.float(), inp.old_logprobs, inp.advantages, inp.mask), inp)
+    return run
+
+
+def liger_grpo_ppo_loss(inp):
+    """LigerFusedLinearGRPOLoss: chunked PyTorch (per sequence), runs natively on CPU.
+
+    Same semantics as ours here: DAPO token-mean loss, no KL, clip [0.8, 1.28], one
+    advantage per sequence. Inputs are reshaped to [B, T, H]; the loss math is
+    torch.compile'd on CUDA (``compiled=True``) and eager on CPU (``compiled=False``: it is
+    O(N) work next to the head products, and compiling it would eat the CPU run's time budget).
+    """
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except Exception as e:  # pragma: no cover - depends on the install
+        return NA(f"n/a: liger-kernel not importable ({type(e).__name__}: {e})")
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo",
+                                       epsilon_low=CLIP_LOW, epsilon_high=CLIP_HIGH,
+                                       compiled=_is_cuda(inp))
+    b, t, h = inp.B, inp.T, inp.point.H
+    targets = inp.targets.view(b, t)
+    mask = inp.mask.view(b, t).long()
+    old = inp.old_logprobs.view(b, t)
+
+    def run():
+        loss, _ = loss_fn(inp.hidden.view(b, t, h), inp.weight, targets, mask, inp.seq_advantages,
+                          old_per_token_logps=old)
+        return _grads(loss, inp)
+    return run
+
+
+# --------------------------------------------------------------------------- Apple Cut Cross-Entropy
+
+def _cce(inp):
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as e:
+        return NA(f"n/a: cut-cross-entropy not importable ({type(e).__name__}: {e})")
+    impl = "cce" if _is_cuda(inp) else "torch_compile"
+
+    def lp(hidden):
+        return -linear_cross_entropy(hidden, inp.weight, inp.targets, reduction="none", impl=impl)
+    return lp
+
+
+def cce_logprobs(inp):
+    """Cut Cross-Entropy (reduction='none'): log-probs = -loss."""
+    lp = _cce(inp)
+    if isinstance(lp, NA):
+        return lp
+
+    def run():
+        with torch.no_grad():
+            return lp(inp.hidden)
+    return run
+
+
+def cce_evidence(inp):
+    """Three Cut Cross-Entropy calls plus the epilogue."""
+    lp = _cce(inp)
+    if isinstance(lp, NA):
+        return lp
+    return _three(lp, inp)
+
+
+def cce_ppo_loss(inp):
+    """Cut Cross-Entropy log-probs, the PPO surrogate in torch, autograd through it."""
+    lp = _cce(inp)
+    if isinstance(lp, NA):
+        return lp
+
+    def run():
+        return _grads(ppo_surrogate(lp(inp.hidden).float(), inp.old_logprobs, inp.advantages,
+                                    inp.mask), inp)
+    return run
+
+
+# --------------------------------------------------------------------------- the floor
+
+def floor_logprobs(inp):
+    """The floor of logprobs: one bare LM-head product."""
+    def run():
+        with torch.no_grad():
+            return torch.matmul(inp.hidden, inp.weight.T)
+    return run
+
+
+def floor_evidence(inp):
+    """The floor of evidence: three bare LM-head products."""
+    def run():
+        with torch.no_grad():
+            for x in (inp.h_policy, inp.h_pos, inp.h_neg):
+                z = torch.matmul(x, inp.weight.T)
+                del z
+    return run
+
+
+def floor_ppo_loss(inp):
+    """The floor of the loss: the forward product and the two backward products."""
+    hidden, weight = inp.hidden.detach(), inp.weight.detach()
+
+    def run():
+        with torch.no_grad():
+            z = torch.matmul(hidden, weight.T)      # forward logits
+            dh = torch.matmul(z, weight)            # dh = dz W   (z stands in for dz)
+            dw = torch.matmul(z.T, hidden)          # dW = dz^T h
+            return dh, dw
+    return run
+
+
+# --------------------------------------------------------------------------- registry
+
+OURS, FLOOR = "ours", "floor"
+
+COMPILES_ON_FIRST_CALL = ("torch.compile", "cce")
+"""On CPU these compile on their first call at a shape (CCE's CPU implementation is
+torch_compile): their memory is measured on a later call, not during the check."""
+
+CONTENDERS = {
+    "logprobs": [(OURS, ours_logprobs), ("naive", naive_logprobs), ("torch.compile", compile_logprobs),
+                 ("liger-flce", liger_logprobs), ("cce", cce_logprobs), (FLOOR, floor_logprobs)],
+    "evidence": [(OURS, ours_evidence), ("naive", naive_evidence), ("torch.compile", compile_evidence),
+                 ("liger-flce", liger_evidence), ("cce", cce_evidence), (FLOOR, floor_evidence)],
+    "ppo_loss": [(OURS, ours_ppo_loss), ("naive", naive_ppo_loss), ("torch.compile", compile_ppo_loss),
+                 ("liger-grpo", liger_grpo_ppo_loss), ("liger-flce", liger_flce_ppo_loss),
+                 ("cce", cce_ppo_loss), (FLOOR, floor_ppo_loss)],
+}
+
+DESCRIPTIONS = {
+    OURS: "cepo_kernels, backend='auto' (Triton on CUDA, chunked PyTorch on CPU)",
+    "naive": "PyTorch: materialised [N, V] logits, float, log_softmax, gather (autograd for the loss)",
+    "torch.compile": "torch.compile(dynamic=False) of a simple row-chunked PyTorch function "
+                     "(loss: gradient written out per chunk)",
+    "liger-flce": "Liger-Kernel LigerFusedLinearCrossEntropyLoss(reduction='none'), log-probs = -loss "
+                  "(loss: PPO surrogate in torch, autograd through it)",
+    "liger-grpo": "Liger-Kernel LigerFusedLinearGRPOLoss(beta=0, use_ref_model=False, loss_type='dapo', "
+                  "epsilon 0.2/0.28, compiled=True on CUDA, False on CPU), inputs as [B, T, H]",
+    "cce": "Apple Cut Cross-Entropy linear_cross_entropy(reduction='none'), impl 'cce' on CUDA, "
+           "'torch_compile' on CPU (loss: PPO surrogate in torch, autograd through it)",
+    FLOOR: "bare LM-head torch.matmul products: x1 (logprobs), x3 (evidence), fwd + 2 bwd (ppo_loss)",
+}
+
+
+def estimated_cpu_bytes(name: str, point: Point) -> int:
+    """Rough CPU peak of the contenders that hold [N, V] tensors (0 for the others): on
+    CPU a predicted OOM is recorded instead of waking the kernel's OOM killer. On CPU,
+    CCE's torch_compile implementation materialises the logits as well."""
+    n, v = point.N, point.V
+    elt = torch.finfo(point.torch_dtype).bits // 8
+    if name in ("naive", "cce"):
+        per = n * v * (elt + 8)  # logits in the input dtype, float copy, log_softmax
+        return per * (2 if point.op == "ppo_loss" else 1)
+    if name == FLOOR:
+        return n * v * elt
+    return 0

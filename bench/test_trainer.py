@@ -1,0 +1,139 @@
+"""Trainer benchmarks (``pytest bench/ -k trainer``): step-time split per algorithm and the
+update micro-batch memory of the fused head versus naive logits. Writes trainer.json,
+trainer.md and trainer_memory.png next to the kernel results; never asserts on timing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from bench import trainer
+
+_RESULTS: dict = {}
+
+
+def _write(bench) -> None:
+    os.makedirs(bench.out_dir, exist_ok=True)
+    meta = {k: v for k, v in bench.meta().items() if k not in ("timing_method",)}
+    with open(os.path.join(bench.out_dir, "trainer.json"), "w") as f:
+        json.dump({"meta": meta, **_RESULTS}, f, indent=2)
+    with open(os.path.join(bench.out_dir, "trainer.md"), "w") as f:
+        f.write(markdown(meta))
+    if "update_memory" in _RESULTS:
+        plot(os.path.join(bench.out_dir, "trainer_memory.png"))
+
+
+def markdown(meta: dict) -> str:
+    lines = [f"# Trainer benchmarks: {meta['device']}", "",
+             f"{meta['date']}, commit {meta['git_commit'][:10]}, `{meta['command']}`", ""]
+    split = _RESULTS.get("step_time_split")
+    if split:
+        lines += [f"## Step time split ({split['model']})", "",
+                  "| algo | generate s | score s | teacher s | update s | sync s | step s | "
+                  "vs GRPO | tokens/s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+        grpo = next((r["step_s"] for r in split["rows"] if r["algo"] == "grpo"), None)
+        for r in split["rows"]:
+            rel = f"{r['step_s'] / grpo:.2f}x" if grpo else "n/a"
+            lines.append(f"| {r['algo']} | " + " | ".join(
+                f"{r[p + '_s']:.3f}" for p in trainer.PHASES) +
+                f" | {r['step_s']:.3f} | {rel} | {r['tokens_per_s']:.0f} | "
+                f"{r['peak_memory_gb']:.2f} |")
+        lines += ["", f"Mean over {split['rows'][0]['steps_timed']} steps after a warm-up step; "
+                  f"trainer options: `{' '.join(split['extra'])}`.", ""]
+    mem = _RESULTS.get("update_memory")
+    if mem:
+        lines += [f"## Update micro-batch: fused head vs naive logits ({mem['model']})", "",
+                  "| tokens | fused peak MiB | naive peak MiB | naive / fused | fused s | naive s |",
+                  "|---|---|---|---|---|---|"]
+        by = {(r["head"], r["budget"]): r for r in mem["rows"]}
+        for b in sorted({r["budget"] for r in mem["rows"]}):
+            f_, n_ = by.get(("fused", b), {}), by.get(("naive", b), {})
+            cell = lambda r, k: (f"{r[k]:.1f}" if r.get("status") == "ok" and r.get(k) is not None  # noqa: E731
+                                 else r.get("status", "-"))
+            ratio = (f"{n_['peak_mib'] / f_['peak_mib']:.2f}" if f_.get("status") == n_.get("status")
+                     == "ok" and f_.get("peak_mib") else "n/a")
+            lines.append(f"| {b} | {cell(f_, 'peak_mib')} | {cell(n_, 'peak_mib')} | {ratio} | "
+                         f"{cell(f_, 'seconds')} | {cell(n_, 'seconds')} |")
+        for head, r in mem.get("largest", {}).items():
+            lines.append("")
+            lines.append(f"Largest micro-batch that fits, {head} head: {r['largest_ok']} tokens"
+                         + (" (search capped)" if r["capped"] else f" (OOM at {r['first_oom']})"))
+        if mem.get("mib_per_1k_tokens"):
+            lines += ["", "Peak extra memory per 1k tokens (slope between the two largest "
+                      "budgets): " + ", ".join(f"{h} {v:.1f} MiB" for h, v in
+                                               mem["mib_per_1k_tokens"].items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in _RESULTS["update_memory"]["rows"] if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for head in ("fused", "naive"):
+        pts = sorted((r["budget"], r["peak_mib"]) for r in rows if r["head"] == head)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"{head} head")
+    ax.set_xlabel("tokens in the update micro-batch")
+    ax.set_ylabel("peak extra memory (MiB)")
+    ax.set_title(f"update micro-batch memory ({_RESULTS['update_memory']['model']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def test_trainer_step_time_split(bench, tmp_path):
+    """GRPO vs RLSD vs CEPO on the same config: seconds per phase of a step."""
+    cuda = torch.device(bench.device).type == "cuda"
+    steps = 2 if bench.size == "tiny" else 4
+    if cuda:
+        model = trainer.random_model_dir(tmp_path / "model", trainer.QWEN3_0_6B, torch.bfloat16)
+        name = "random Qwen3-0.6B shape, bf16, HF generate, hashed reward"
+        extra = ["--reward_fn", "bench_rewards:hashed_reward", "--engine", "hf",
+                 "--max_new_tokens", "256", "--token_budget", "16384"]
+    else:
+        model, name, extra = trainer.TINY_ASSET, "shipped tiny model, built-in task", []
+    rows = [trainer.step_time_split(algo, model, tmp_path / algo, device=bench.device,
+                                    steps=steps, extra=extra) for algo in ("grpo", "rlsd", "cepo")]
+    _RESULTS["step_time_split"] = {"model": name, "extra": extra, "rows": rows}
+    _write(bench)
+    for r in rows:
+        assert r["steps_timed"] >= 1 and r["step_s"] > 0
+
+
+def test_trainer_update_memory(bench):
+    """Peak extra memory of one update micro-batch, fused head vs naive logits; on CUDA
+    also the largest micro-batch each head can run."""
+    cuda = torch.device(bench.device).type == "cuda"
+    shape = trainer.QWEN3_0_6B if cuda else trainer.CPU_MEMORY_MODEL
+    dtype = torch.bfloat16 if cuda else torch.float32
+    policy = trainer.FusedHeadPolicy(trainer.random_model(shape, dtype).to(bench.device))
+    budgets = {"tiny": [512, 1024], "small": [1024, 2048, 4096],
+               "full": [4096, 8192, 16384]}[bench.size]
+    rows = [trainer.peak_update_memory(policy, b, head, bench.device)
+            for b in budgets for head in ("fused", "naive")]
+    result = {"model": f"random Qwen3, H {shape['hidden_size']}, {shape['num_hidden_layers']} "
+                       f"layers, V {shape['vocab_size']}, {str(dtype).removeprefix('torch.')}",
+              "rows": rows, "largest": {}, "mib_per_1k_tokens": {}}
+    for head in ("fused", "naive"):
+        ok = sorted((r["budget"], r["peak_mib"]) for r in rows
+                    if r["head"] == head and r["status"] == "ok" and r["peak_mib"] is not None)
+        if len(ok) >= 2:
+            (b0, m0), (b1, m1) = ok[-2], ok[-1]
+            result["mib_per_1k_tokens"][head] = (m1 - m0) / (b1 - b0) * 1024
+    if cuda and bench.size == "full":
+        for head in ("fused", "naive"):
+            found = trainer.largest_budget(policy, head, bench.device)
+            result["largest"][head] = {k: v for k, v in found.items() if k != "trials"}
+            result["rows"] += found["trials"]
+    _RESULTS["update_memory"] = result
+    _write(bench)
+    assert any(r["status"] == "ok" for r in rows)

@@ -1,0 +1,170 @@
+"""Trainer benchmarks: the step-time split of GRPO / RLSD / CEPO, and how many tokens an
+update micro-batch can hold with the fused head versus a naive-logits head.
+
+Shapes: on CUDA a randomly initialised Qwen3-0.6B-shaped model (bf16; the tiny char
+tokenizer, whose decoder skips ids it does not know, and a hashed reward so that groups
+have non-zero advantages); on CPU the shipped tiny model on the real task for the step
+split, and a small random Qwen3 (H 256, 4 layers, V 32,000, fp32) for memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import timing
+from cepo.policy import FusedHeadPolicy  # noqa: F401  (re-exported for the tests)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_ASSET = REPO / "cepo" / "assets" / "tiny-arith"
+QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  vocab_size=151_936, tie_word_embeddings=True)
+CPU_MEMORY_MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        vocab_size=32_000, tie_word_embeddings=True)
+PHASES = ("generate", "score", "teacher", "update", "sync")
+
+
+def random_model(shape: dict, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A randomly initialised Qwen3ForCausalLM of the given shape (sdpa attention)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen3Config(max_position_embeddings=1 << 17, **shape)
+    config._attn_implementation = "sdpa"
+    return transformers.Qwen3ForCausalLM(config).to(dtype)
+
+
+def random_model_dir(path: Path, shape: dict, dtype: torch.dtype) -> Path:
+    """Save ``random_model(shape)`` with the tiny model's tokenizer (safetensors)."""
+    import shutil
+
+    path.mkdir(parents=True, exist_ok=True)
+    model = random_model(shape, dtype)
+    model.generation_config.eos_token_id = model.config.eos_token_id = 1
+    model.save_pretrained(path, safe_serialization=True)
+    for f in TINY_ASSET.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_time_split(algo: str, model: Path, out: Path, *, device: str, steps: int,
+                    extra: list[str]) -> dict:
+    """Run ``torchrun -m cepo.train`` for ``steps`` steps; mean seconds per phase over the
+    steps after the first (warm-up), plus tokens/s and peak memory."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "bench") + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           "--master_port", str(_free_port()), "-m", "cepo.train", "--algo", algo,
+           "--model", str(model), "--output_dir", str(out), "--steps", str(steps),
+           "--device", device, "--eval_every", "0", "--num_eval", "4",
+           "--checkpoint_every", "0", "--export", "false", "--progress", "false", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{algo}: training failed\n{proc.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    rows = [r for r in rows if "step_seconds" in r][1:]
+    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
+    return {"algo": algo, "steps_timed": len(rows),
+            **{f"{p}_s": mean(f"time_{p}") for p in PHASES},
+            "step_s": mean("step_seconds"), "tokens_per_s": mean("tokens_per_second"),
+            "skipped_rollouts": mean("skipped_rollouts"), "peak_memory_gb": max(
+                r["peak_memory_gb"] for r in rows)}
+
+
+def _packed(budget: int, vocab: int, device, seq_len: int = 512):
+    """A packed row of ``budget`` random tokens in sequences of ``seq_len`` (the second
+    half of each is the response), with its gather index and targets."""
+    from cepo.packing import pack_sequences, response_gather_index
+
+    g = torch.Generator().manual_seed(budget)
+    lengths = [seq_len] * (budget // seq_len) + ([budget % seq_len] if budget % seq_len else [])
+    seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    batch = pack_sequences(seqs)
+    prompt = [n - n // 2 for n in lengths]
+    index, targets = response_gather_index(batch, prompt, [n // 2 for n in lengths])
+    return batch.to(device), index.to(device), targets.to(device)
+
+
+def update_step(policy, budget: int, head: str):
+    """A function running one update micro-batch (forward + backward) of ``budget`` tokens
+    through the fused PPO head or through naive logits (h W^T, log_softmax, gather)."""
+    weight = policy.head_weight()
+    batch, index, targets = _packed(budget, weight.shape[0], weight.device)
+    adv = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1)).to(weight.device)
+    mask = torch.ones_like(targets, dtype=torch.bool)
+
+    def fused():
+        loss, _ = policy(batch, index, targets, ppo=dict(
+            old_logprobs=None, token_advantages=adv, mask=mask))
+        loss.backward()
+        policy.zero_grad(set_to_none=True)
+
+    def naive():
+        hidden = policy(batch, index)
+        logits = (hidden @ weight.T).float()
+        lp = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+        ratio = torch.exp(lp - lp.detach())
+        loss = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv).mean()
+        loss.backward()
+        policy.zero_grad(set_to_none=True)
+
+    return fused if head == "fused" else naive
+
+
+def peak_update_memory(policy, budget: int, head: str, device) -> dict:
+    """Peak extra memory (MiB) and time (s) of one update micro-batch; OOM is a result."""
+    fn = update_step(policy, budget, head)
+    try:
+        if timing.is_cuda(device):
+            fn()  # warm-up (cuBLAS workspaces, autotuning)
+            ms, peak = timing.cuda_call_with_peak(fn, device)
+            seconds = ms / 1e3
+        else:
+            seconds, peak, _ = timing.cpu_call_with_peak(fn)
+        return {"head": head, "budget": budget, "status": "ok", "peak_mib": peak,
+                "seconds": seconds}
+    except torch.OutOfMemoryError:
+        return {"head": head, "budget": budget, "status": "OOM"}
+    finally:
+        del fn
+        timing.release(device, collect=True)
+
+
+def largest_budget(policy, head: str, device, *, start: int = 4096, cap: int = 1 << 18) -> dict:
+    """CUDA: the largest micro-batch (tokens, to 1/8 of the first failing size) whose
+    update runs, doubling from ``start`` to ``cap`` and then bisecting."""
+    ok, bad, rows = 0, None, []
+    budget = start
+    while budget <= cap:
+        r = peak_update_memory(policy, budget, head, device)
+        rows.append(r)
+        if r["status"] != "ok":
+            bad = budget
+            break
+        ok, budget = budget, budget * 2
+    if bad is not None:
+        step = max(512, bad // 8)
+        for budget in range(ok + step, bad, step):
+            r = peak_update_memory(policy, budget, head, device)
+            rows.append(r)
+            if r["status"] != "ok":
+                break
+            ok = budget
+    return {"head": head, "largest_ok": ok, "first_oom": bad, "capped": bad is None,
+            "trials": rows}

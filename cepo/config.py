@@ -68,7 +68,8 @@ class TrainConfig:
     train_data: str = BUILTIN_TASK
     """builtin:arithmetic, a .jsonl / .parquet file, a saved datasets dir, or a HF dataset name."""
     eval_data: Optional[str] = None
-    """Held-out data (same formats); default: the built-in task's test split, else none."""
+    """Held-out data (same formats, or builtin:arithmetic for the built-in test split);
+    default: the built-in task's test split when training on it, else none."""
     prompt_field: str = "prompt"
     """Field holding the prompt."""
     answer_field: str = "answer"

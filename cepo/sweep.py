@@ -40,8 +40,10 @@ VARIANTS: dict[str, list[str]] = {
     "cepo, lambda constant (no decay)": ["--algo", "cepo", "--lam_schedule", "constant"],
     "cepo, eps_w 0.1": ["--algo", "cepo", "--eps_w", "0.1"],
     "cepo, eps_w 0.5": ["--algo", "cepo", "--eps_w", "0.5"],
-    "grpo, harder task (3-op prompts)": ["--algo", "grpo", "--train_data", HARD_TRAIN],
-    "cepo, harder task (3-op prompts)": ["--algo", "cepo", "--train_data", HARD_TRAIN],
+    "grpo, harder task (3-op prompts)": ["--algo", "grpo", "--train_data", HARD_TRAIN,
+                                         "--eval_data", "builtin:arithmetic"],
+    "cepo, harder task (3-op prompts)": ["--algo", "cepo", "--train_data", HARD_TRAIN,
+                                         "--eval_data", "builtin:arithmetic"],
 }
 OPTIONAL: dict[str, list[str]] = {  # not in the default sweep (budget); --variants NAME
     "rlsd": ["--algo", "rlsd"],

@@ -50,7 +50,12 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
             evals = _load(cfg, cfg.eval_data)[: cfg.num_eval]
         return train, evals
     train = _load(cfg, cfg.train_data)
-    evals = _load(cfg, cfg.eval_data)[: cfg.num_eval] if cfg.eval_data else []
+    if cfg.eval_data == BUILTIN_TASK:  # your training data, the built-in held-out set
+        from cepo.arithmetic import make_split
+        evals = [Example(r["prompt"], r["answer"], f"arithmetic-test[{i}]")
+                 for i, r in enumerate(make_split("test", cfg.num_eval, cfg.eval_seed))]
+    else:
+        evals = _load(cfg, cfg.eval_data)[: cfg.num_eval] if cfg.eval_data else []
     return train, evals
 
 

@@ -71,3 +71,21 @@ def test_missing_file_unknown_extension_and_empty(tmp_path):
     (tmp_path / "e.jsonl").write_text('{"x": 1}\n')
     with pytest.raises(ValueError, match="no usable rows"):
         load_examples(str(tmp_path / "e.jsonl"))
+
+
+def test_own_training_file_with_the_builtin_held_out_set(tmp_path):
+    """eval_data builtin:arithmetic: the built-in test split, whatever the training data
+    (the sweep's 'harder task' trains on a file and must keep the same evaluation set)."""
+    from cepo.arithmetic import make_split
+    from cepo.config import parse_config
+    from cepo.train import load_datasets
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "1+2*3", "answer": "9"}\n')
+    cfg = parse_config(["--train_data", str(path), "--eval_data", "builtin:arithmetic",
+                        "--num_eval", "50"])
+    train, evals = load_datasets(cfg)
+    assert [e.answer for e in train] == ["9"]
+    assert [e.prompt for e in evals] == [r["prompt"] for r in make_split("test", 50, seed=0)]
+    _, none = load_datasets(parse_config(["--train_data", str(path)]))
+    assert none == []

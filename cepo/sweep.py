@@ -6,7 +6,8 @@ difficulty; GRPO too where the change applies to it), every variant over the sam
 (default 2: the sweep is 12 variants; more with --seeds) and the same fixed held-out set,
 and writes under ``--out`` (default
 results/sweep/): sweep.json (per variant: final greedy accuracy mean, std, per seed, and
-the curve), sweep.md (a table, sorted as run) and the raw metrics of every run. Extra
+the curve), sweep.md (a table, in the order run) and raw.jsonl (every metrics row,
+labelled with its variant and seed). Extra
 trainer options after ``--`` go to every run (e.g. ``-- --steps 30``).
 
 The evaluation set is never changed: "harder task" changes the training prompts only.
@@ -143,6 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
             "args": known[name], "mean": statistics.fmean(finals),
             "std": statistics.stdev(finals) if len(finals) > 1 else 0.0, "per_seed": finals,
             "base": curves[0][0][1], "curves": curves}
+    raw = []
+    for (name, seed), d in dirs.items():
+        raw += [{"variant": name, "seed": seed, **json.loads(x)}
+                for x in (d / "metrics.jsonl").read_text().splitlines() if x]
+    (out / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw))
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     (out / "sweep.md").write_text(_table(result))
     print((out / "sweep.md").read_text())
@@ -161,7 +167,8 @@ def _table(result: dict) -> str:
     first = next(iter(variants.values()))
     cfg = result["config"]
     lines += ["", f"Base model: {first['base']:.3f}. Seeds {cfg['seeds']}; extra trainer "
-              f"arguments {cfg['extra_trainer_args']}; wall time {cfg['wall_seconds']} s."]
+              f"arguments {cfg['extra_trainer_args']}; wall time of this invocation "
+              f"{cfg['wall_seconds']} s (runs finished earlier are reused, not re-run)."]
     return "\n".join(lines) + "\n"
 
 

@@ -85,5 +85,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Tear the process group down after a barrier: destroying it while a peer is still
+    inside a collective can abort that peer at exit (gloo: "terminate called without an
+    active exception")."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -209,6 +209,7 @@ def main(phases: str, work: str, out: str, port: str = "0") -> None:
     for i, phase in enumerate(phases.split(",")):
         if phase == "resume" and i > 0:  # nothing of the saving run's group survives
             rank, world = dist.get_rank(), dist.get_world_size()
+            dist.barrier()  # no rank still inside a collective (see cepo.distributed.shutdown)
             dist.destroy_process_group()
             # A new store hosted by rank 0: re-using torchrun's races on the old group's
             # keys, and init_method="tcp://" under torchrun makes every rank a client.

@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from cepo.distributed import init_distributed
+from cepo.distributed import init_distributed, shutdown
 from cepo.model import load_causal_lm
 from cepo.policy import FusedHeadPolicy, apply_lora, shard
 from cepo.weight_sync import iter_weight_buckets
@@ -47,7 +47,7 @@ def main(model_dir: str, out: str, lora: bool):
     if info.rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

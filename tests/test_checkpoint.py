@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -226,7 +227,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(phases: str, work: Path, out: Path, timeout: float = 300) -> None:
+FLAKE = "terminate called without an active exception"
+"""A 2-process gloo run on CPU sometimes aborts one rank with this (about 1 run in 10
+under load; not root-caused): the launch is repeated once on exactly that signature."""
+
+
+def _torchrun(phases: str, work: Path, out: Path, timeout: float = 300, retry: bool = True) -> None:
     """torchrun, 2 CPU processes; on a time-out the whole process tree is killed."""
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                              "2", "--master_port", str(_free_port()),
@@ -240,6 +246,11 @@ def _torchrun(phases: str, work: Path, out: Path, timeout: float = 300) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun timed out after {timeout} s\n{stdout[-4000:]}{stderr[-8000:]}")
+    if proc.returncode != 0 and retry and FLAKE in stderr:
+        for p in work.iterdir():  # start again from nothing: checkpoints, exports, results
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        return _torchrun(phases, work, out, timeout, retry=False)
     assert proc.returncode == 0, stdout[-4000:] + stderr[-8000:]
 
 

@@ -26,6 +26,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A 2-process gloo run on CPU sometimes aborts one rank with "terminate called without an
+# active exception" (about 1 run in 10 under load; not root-caused). 2-process runs are
+# launched again once on exactly that signature; any other failure fails the test.
+FLAKE = "terminate called without an active exception"
+
+
 def run_train(out: Path, model: Path, *args: str, nproc: int = 1, check: bool = True):
     """Run ``torchrun -m cepo.train`` with small settings; returns the CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -37,6 +43,11 @@ def run_train(out: Path, model: Path, *args: str, nproc: int = 1, check: bool = 
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if nproc > 1 and proc.returncode != 0 and FLAKE in proc.stderr:  # see FLAKE; once
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -111,3 +111,32 @@ class Sampler(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def as_id_list(value) -> list[int]:
+    """A token id, a list of them, or None, as a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def stop_token_ids(tokenizer_eos, generation_eos) -> list[int]:
+    """The tokenizer's EOS first, then the generation config's other EOS ids (e.g. both
+    <|im_end|> and <|endoftext|> for Qwen instruct models), without repeats."""
+    stop = as_id_list(tokenizer_eos)
+    return stop + [i for i in as_id_list(generation_eos) if i not in stop]
+
+
+def weight_update_error(unknown: list[str], bad_shape: list[str], prefix: str = ""):
+    """The ValueError for an update_weights call with unknown names or wrong shapes
+    (None when there are neither); one message naming every problem."""
+    problems = []
+    if unknown:
+        problems.append(f"unknown parameter names {unknown} (give Hugging Face names "
+                        f"such as 'model.norm.weight', without wrapper prefixes like "
+                        f"'module.' or '_orig_mod.')")
+    if bad_shape:
+        problems.append("; ".join(bad_shape))
+    return ValueError("update_weights: " + prefix + "; ".join(problems)) if problems else None

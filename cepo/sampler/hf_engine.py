@@ -16,7 +16,8 @@ from typing import Iterable
 
 import torch
 
-from cepo.sampler.base import Completion, Sampler, SamplingParams
+from cepo.sampler.base import (Completion, Sampler, SamplingParams, stop_token_ids,
+                               weight_update_error)
 
 
 class _LogprobRecorder:
@@ -46,13 +47,6 @@ class _LogprobRecorder:
                                f"{new_tokens.shape[1]} generated tokens")
         return torch.stack(self.steps, 1) if self.steps else torch.zeros(new_tokens.shape)
 
-
-def _as_id_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
 
 
 class HFEngine(Sampler):
@@ -90,8 +84,7 @@ class HFEngine(Sampler):
         self.model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        stop = _as_id_list(tokenizer.eos_token_id)
-        stop += [i for i in _as_id_list(getattr(source_gen, "eos_token_id", None)) if i not in stop]
+        stop = stop_token_ids(tokenizer.eos_token_id, getattr(source_gen, "eos_token_id", None))
         if not stop:
             raise ValueError("HFEngine: the tokenizer has no eos_token_id and the model's "
                              "generation config names none; set tokenizer.eos_token")
@@ -147,15 +140,9 @@ class HFEngine(Sampler):
                                  f"expected {tuple(target.shape)}")
                 continue
             target.copy_(tensor.detach().to(target.device, target.dtype))
-        problems = []
-        if unknown:
-            problems.append(f"unknown parameter names {unknown} (give Hugging Face names "
-                            f"such as 'model.norm.weight', without wrapper prefixes like "
-                            f"'module.' or '_orig_mod.')")
-        if bad_shape:
-            problems.append("; ".join(bad_shape))
-        if problems:
-            raise ValueError("update_weights: " + "; ".join(problems))
+        error = weight_update_error(unknown, bad_shape)
+        if error is not None:
+            raise error
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], n: int,

@@ -30,7 +30,8 @@ from typing import Iterable
 
 import torch
 
-from cepo.sampler.base import Completion, Sampler, SamplingParams
+from cepo.sampler.base import (Completion, Sampler, SamplingParams, stop_token_ids,
+                               weight_update_error)
 
 
 class WeightSyncExtension:
@@ -41,14 +42,6 @@ class WeightSyncExtension:
         device = next(model.parameters()).device
         model.load_weights(weights=[(n, t.to(device, non_blocking=True)) for n, t in weights])
         return len(weights)
-
-
-def _as_id_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
 
 
 def checkpoint_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -88,9 +81,7 @@ def checkpoint_stop_ids(model_path: str | os.PathLike, tokenizer) -> list[int]:
     (``generation_config.json``, else ``config.json``), as ``HFEngine`` stops."""
     path = Path(model_path)
     gen = _read_json(path / "generation_config.json") or _read_json(path / "config.json")
-    stop = _as_id_list(getattr(tokenizer, "eos_token_id", None))
-    stop += [i for i in _as_id_list(gen.get("eos_token_id")) if i not in stop]
-    return stop
+    return stop_token_ids(getattr(tokenizer, "eos_token_id", None), gen.get("eos_token_id"))
 
 
 def _tied_embeddings(model_path: str | os.PathLike) -> bool:
@@ -180,15 +171,9 @@ class VLLMEngine(Sampler):
                 bad_shape.append(f"{name!r} has shape {tuple(tensor.shape)}, expected {shape}")
             else:
                 batch.append((target, tensor))
-        problems = []
-        if unknown:
-            problems.append(f"unknown parameter names {unknown} (give Hugging Face names "
-                            f"such as 'model.norm.weight', without wrapper prefixes like "
-                            f"'module.' or '_orig_mod.')")
-        if bad_shape:
-            problems.append("; ".join(bad_shape))
-        if problems:
-            raise ValueError("update_weights: nothing was loaded: " + "; ".join(problems))
+        error = weight_update_error(unknown, bad_shape, prefix="nothing was loaded: ")
+        if error is not None:
+            raise error
         if not batch:
             return
         batch = [(n, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach())

@@ -39,6 +39,14 @@ def _run(algo: str, seed: int, run_dir: Path, args, extra: list[str], threads: i
     return run_dir
 
 
+def split_trainer_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this command's arguments, trainer options after ``--``)."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
@@ -58,9 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     ap.add_argument("--out", default="results")
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = split_trainer_args(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(own)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

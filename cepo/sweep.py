@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval_every", type=int, default=10)
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     ap.add_argument("--out", default="results/sweep")
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    from cepo.compare import split_trainer_args
+
+    own, extra = split_trainer_args(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(own)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_hard_train(out / HARD_TRAIN)

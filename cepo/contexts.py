@@ -18,8 +18,9 @@ import torch
 ANSWER_ONLY_TEMPLATE = "{answer}"
 """Default: the answer alone, as the reference code does."""
 
-NATURAL_HINT_TEMPLATE = "A reference answer: {answer}."
-"""Natural-language option. Neutral on purpose: it frames the wrong answer too."""
+NATURAL_HINT_TEMPLATE = "A reference final answer is {answer}."
+"""Natural-language option (the text ``cepo.sweep`` runs). Neutral on purpose: it frames
+the wrong answer too."""
 
 HINT_SEPARATOR = "\n\n"
 
@@ -59,23 +60,30 @@ def _encode_plain(tokenizer, text: str) -> list[int]:
 
 
 def render_prompt(tokenizer, prompt: str, hint: str | None = None,
-                  hint_template: str = ANSWER_ONLY_TEMPLATE) -> list[int]:
+                  hint_template: str = ANSWER_ONLY_TEMPLATE, *, system_prompt: str | None = None,
+                  chat_template: bool = True) -> list[int]:
     """Token ids of one context, ready for the response tokens to follow.
 
-    With a chat template: ``apply_chat_template([{"role": "user", "content": c}],
-    add_generation_prompt=True)``; the template is tokenised without adding special
-    tokens, so a BOS it writes appears once. Without one: ``c + "\\n"``, with the
-    tokenizer's BOS if it adds one and no EOS. ``c`` is ``hinted_prompt(...)``.
+    With a chat template (and ``chat_template``): ``apply_chat_template(messages,
+    add_generation_prompt=True)`` where messages are an optional system message
+    (``system_prompt``) and ``{"role": "user", "content": c}``; the template is tokenised
+    without adding special tokens, so a BOS it writes appears once. Otherwise: the system
+    prompt and ``c`` joined by a blank line, then ``"\\n"``, with the tokenizer's BOS if
+    it adds one and no EOS. ``c`` is ``hinted_prompt(...)``.
     """
     content = hinted_prompt(prompt, hint, hint_template)
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                            add_generation_prompt=True, tokenize=True)
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": content}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(out["input_ids"] if hasattr(out, "keys") else out)
         bos = getattr(tokenizer, "bos_token_id", None)
         if bos is not None and ids[:2] == [bos, bos]:
             ids = ids[1:]
         return ids
+    if system_prompt is not None:
+        content = system_prompt + HINT_SEPARATOR + content
     return _encode_plain(tokenizer, content + "\n")
 
 
@@ -152,7 +160,8 @@ def choose_wrong_answers(groups: Sequence[Sequence[Mapping]], strategy: str,
 
 def build_contexts(tokenizer, prompts: Sequence[str], answers: Sequence[str],
                    wrong_answers: Sequence[str | None],
-                   hint_template: str = ANSWER_ONLY_TEMPLATE
+                   hint_template: str = ANSWER_ONLY_TEMPLATE, *, system_prompt: str | None = None,
+                   chat_template: bool = True
                    ) -> tuple[list[list[int]], list[list[int]], list[list[int] | None]]:
     """The three contexts of each group, as token ids: (policy_ids, pos_ids, neg_ids).
 
@@ -160,14 +169,17 @@ def build_contexts(tokenizer, prompts: Sequence[str], answers: Sequence[str],
     answer); neg: prompt + hint r- (``choose_wrong_answers``), None where the group has
     no wrong answer (the RLSD fallback ignores it; a caller needing a tensor substitutes
     the policy context). The trainer appends each rollout's response ids to them.
+    ``system_prompt`` / ``chat_template``: as in ``render_prompt``, the same for all three.
     """
     if not len(prompts) == len(answers) == len(wrong_answers):
         raise ValueError(f"build_contexts: prompts, answers and wrong_answers must have one "
                          f"entry per group, got {len(prompts)}, {len(answers)} and "
                          f"{len(wrong_answers)}")
     check_hint_template(hint_template)
-    policy = [render_prompt(tokenizer, p) for p in prompts]
-    pos = [render_prompt(tokenizer, p, str(a), hint_template) for p, a in zip(prompts, answers)]
-    neg = [render_prompt(tokenizer, p, w, hint_template) if w is not None else None
+    fmt = dict(system_prompt=system_prompt, chat_template=chat_template)
+    policy = [render_prompt(tokenizer, p, **fmt) for p in prompts]
+    pos = [render_prompt(tokenizer, p, str(a), hint_template, **fmt)
+           for p, a in zip(prompts, answers)]
+    neg = [render_prompt(tokenizer, p, w, hint_template, **fmt) if w is not None else None
            for p, w in zip(prompts, wrong_answers)]
     return policy, pos, neg

@@ -104,3 +104,28 @@ def load_examples(path_or_name: str, *, prompt_field: str = "prompt", answer_fie
         raise ValueError(f"data: no usable rows in {path_or_name!r} (fields '{prompt_field}', "
                          f"'{answer_field}'); set --prompt_field / --answer_field")
     return examples
+
+
+def step_prompts(train: list[Example], step: int, *, prompts_per_step: int, seed: int,
+                 rank: int, world_size: int) -> tuple[list[Example], list[int]]:
+    """This rank's prompts for a step and their sampling seeds.
+
+    The data stream is a seeded permutation per epoch; step s takes positions
+    [s P, (s + 1) P), so a resumed run continues exactly. Rank r takes every world-th
+    prompt; each prompt's seed depends on its global position only, so the samples do
+    not depend on the number of ranks.
+    """
+    import random
+
+    start = step * prompts_per_step
+    picked, seeds = [], []
+    orders: dict[int, list[int]] = {}
+    for pos in range(start + rank, start + prompts_per_step, world_size):
+        epoch, i = divmod(pos, len(train))
+        if epoch not in orders:
+            order = list(range(len(train)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            orders[epoch] = order
+        picked.append(train[orders[epoch][i]])
+        seeds.append((seed * 1_000_003 + pos) % 2**31)
+    return picked, seeds

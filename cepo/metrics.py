@@ -23,8 +23,8 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, row in complete_json_lines(self.path.read_text())
+                    if row.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:
@@ -41,6 +41,16 @@ class MetricsLogger:
                                  "pip install 'cepo[wandb]'") from e
             self._wandb = wandb.init(project=wandb_project, config=config or {},
                                      dir=str(output_dir), resume="allow")
+
+    @property
+    def tensorboard(self):
+        """The TensorBoard SummaryWriter, or None."""
+        return self._tb
+
+    @property
+    def wandb_run(self):
+        """The Weights & Biases run, or None."""
+        return self._wandb
 
     def log(self, step: int, values: dict) -> None:
         """Record ``values`` (numbers) for ``step``."""
@@ -71,9 +81,21 @@ def _plain(v):
     return v
 
 
+def complete_json_lines(text: str):
+    """(line, row) for each complete JSON line; a line cut by a crash (the last one, half
+    written when the process was killed) is skipped."""
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """All rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All complete rows of a metrics.jsonl file."""
+    return [row for _, row in complete_json_lines(Path(path).read_text())]
 
 
 CURVES = [("reward_mean", "reward"), ("accuracy", "train accuracy"), ("eval_accuracy", "held-out accuracy"),

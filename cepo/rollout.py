@@ -1,20 +1,21 @@
 """Rollouts of one step: sampling, scoring, group advantages and teacher hints.
 
-DESIGN.md steps 1-2, per rank: each rank owns whole groups (a prompt and its G
-responses), so group statistics never cross ranks.
+docs/algorithm.md steps 1-2, per rank: each rank owns whole groups (a prompt and its G
+responses), so group statistics never cross ranks. All prompts of a step go to the
+sampler in ONE call, each with its own seed, so a group's samples depend only on its
+prompt's global position (rank-invariant, resumable) while the engine batches freely.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from cepo.algorithms import group_advantages
-from cepo.answers import extract_boxed
-from cepo.contexts import choose_wrong_answers, render_prompt
+from cepo.contexts import choose_wrong_answers
 from cepo.data import Example
 from cepo.sampler import SamplingParams
 
@@ -25,12 +26,13 @@ class Rollout:
 
     group: int
     prompt_ids: list[int]
-    response_ids: list[int]
+    response_ids: list[int]          # as trained: the sampled tokens, then the stop token
     text: str
     reward: float
     correct: bool
     status: str
     truncated: bool
+    extracted: str | None = None     # the final answer the verifier extracted
     advantage: float = 0.0
     sampler_logprobs: list[float] | None = None
 
@@ -46,55 +48,60 @@ class Groups:
     score_seconds: float = 0.0
 
 
-def response_ids_with_eos(token_ids: list[int], finish_reason: str, eos_id: int | None) -> list[int]:
-    """The response as trained on: a response that stopped ends with EOS (the model must
-    learn to stop); a truncated one does not."""
-    ids = list(token_ids)
-    if finish_reason == "stop" and eos_id is not None and (not ids or ids[-1] != eos_id):
-        ids.append(eos_id)
+def trained_response_ids(completion) -> list[int]:
+    """The response as trained on: the sampled tokens followed by the stop token the
+    sampler actually emitted (a model with several stop tokens, e.g. <|im_end|> and
+    <|endoftext|>, learns the one it produced); a truncated response has none."""
+    ids = list(completion.token_ids)
+    if completion.finish_reason == "stop":
+        if completion.stop_token_id is None:
+            raise ValueError("sampler: a completion that finished with 'stop' must report "
+                             "the stop token it emitted (Completion.stop_token_id)")
+        ids.append(int(completion.stop_token_id))
     return ids
 
 
-def sample_groups(examples: list[Example], seeds: list[int], *, tokenizer, sampler, verifier,
-                  group_size: int, params: SamplingParams, std_normalize: bool,
-                  wrong_answer_strategy: str, find_wrong_answers: bool) -> Groups:
-    """Generate G responses per prompt, score them, compute A_i, pick the wrong hints.
+def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: list[int], *,
+                  sampler, verifier, group_size: int, params: SamplingParams,
+                  std_normalize: bool, wrong_answer_strategy: str,
+                  find_wrong_answers: bool) -> Groups:
+    """Generate G responses per prompt in one sampler call, score them, compute A_i and
+    pick the wrong-answer hints.
 
-    Each prompt's group is sampled with its own seed (``seeds``, derived from the prompt's
-    global position in the step), so the rollouts, and hence the whole update, do not
-    depend on how prompts are divided among ranks.
+    prompt_ids: the rendered prompts (``cepo.contexts.render_prompt``); seeds: one per
+    prompt, derived from its global position in the step (``seeds[g]`` also seeds the
+    random wrong-answer choice of group g).
     """
     t0 = time.perf_counter()
-    prompt_ids = [render_prompt(tokenizer, ex.prompt) for ex in examples]
-    completions = [sampler.generate([ids], group_size, replace(params, seed=seed))[0]
-                   for ids, seed in zip(prompt_ids, seeds)]
+    completions = (sampler.generate(prompt_ids, group_size, params, seeds=seeds)
+                   if examples else [])
     texts = [c.text for group in completions for c in group]
     answers = [ex.answer for ex in examples for _ in range(group_size)]
     t1 = time.perf_counter()
     scores = verifier.score(texts, answers) if texts else []
     t2 = time.perf_counter()
-    eos = tokenizer.eos_token_id
     rollouts = []
     for g, group in enumerate(completions):
         for c in group:
             s = scores[len(rollouts)]
             rollouts.append(Rollout(
-                group=g, prompt_ids=prompt_ids[g],
-                response_ids=response_ids_with_eos(c.token_ids, c.finish_reason, eos),
+                group=g, prompt_ids=prompt_ids[g], response_ids=trained_response_ids(c),
                 text=c.text, reward=float(s.reward), correct=bool(s.correct), status=s.status,
-                truncated=c.finish_reason == "length", sampler_logprobs=c.logprobs))
+                truncated=c.finish_reason == "length", extracted=s.extracted,
+                sampler_logprobs=c.logprobs))
     if examples:
         rewards = torch.tensor([r.reward for r in rollouts]).view(len(examples), group_size)
         adv = group_advantages(rewards, std_normalize=std_normalize).flatten().tolist()
         for r, a in zip(rollouts, adv):
             r.advantage = a
-    wrong = [None] * len(examples)
+    wrong: list[str | None] = [None] * len(examples)
     if find_wrong_answers and examples:
-        groups = [[{"answer": extract_boxed(r.text), "reward": r.reward, "correct": r.correct}
-                   for r in rollouts[g * group_size:(g + 1) * group_size]]
-                  for g in range(len(examples))]
-        wrong = [choose_wrong_answers([group], wrong_answer_strategy, random.Random(seed))[0]
-                 for group, seed in zip(groups, seeds)]
+        per_group = [[{"answer": r.extracted, "reward": r.reward, "correct": r.correct}
+                      for r in rollouts[g * group_size:(g + 1) * group_size]]
+                     for g in range(len(examples))]
+        wrong = [choose_wrong_answers([group], wrong_answer_strategy, random.Random(seed),
+                                      gold_answers=[ex.answer])[0]
+                 for group, seed, ex in zip(per_group, seeds, examples)]
     return Groups(examples, rollouts, wrong, generate_seconds=t1 - t0, score_seconds=t2 - t1)
 
 
@@ -111,18 +118,20 @@ class TrainItem:
     sampler_logprobs: list[float] | None = None  # the sampler's, when asked (sync check)
 
 
-def train_items(groups: Groups, *, tokenizer, with_teachers: bool, algo: str,
-                hint_template: str) -> list[TrainItem]:
+def train_items(groups: Groups, *, build_contexts, with_teachers: bool,
+                algo: str) -> list[TrainItem]:
     """The rollouts with A != 0 and a non-empty response; the rest carry no gradient and
-    skip every later pass (teacher contexts included)."""
-    from cepo.contexts import build_contexts
+    skip every later pass (teacher contexts included).
 
+    build_contexts(prompts, answers, wrong_answers) -> (policy, pos, neg) token ids per
+    group (``cepo.contexts.build_contexts`` with the run's prompt format bound).
+    """
     keep = [r for r in groups.rollouts if r.advantage != 0.0 and r.response_ids]
     pos = neg = None
     if with_teachers and keep:
         wrong = groups.wrong_answers if algo == "cepo" else [None] * len(groups.examples)
-        _, pos, neg = build_contexts(tokenizer, [e.prompt for e in groups.examples],
-                                     [e.answer for e in groups.examples], wrong, hint_template)
+        _, pos, neg = build_contexts([e.prompt for e in groups.examples],
+                                     [e.answer for e in groups.examples], wrong)
     return [TrainItem(r.prompt_ids, pos[r.group] if pos else None, neg[r.group] if neg else None,
                       r.response_ids, r.advantage, r.correct, r.sampler_logprobs)
             for r in keep]

@@ -1,10 +1,16 @@
 """The model passes of one step: scoring contexts and the PPO update, on packed micro-batches.
 
 Responses are the rows of a flat token axis (N response tokens of this rank, rollout
-after rollout: the "canonical order"). Each pass packs sequences (context + response)
-into padding-free micro-batches of at most ``token_budget`` tokens, runs the policy, and
-maps the rows back to canonical order. Every rank runs the same number of micro-batches
-(FSDP2's collectives must match), padding with a 2-token dummy that contributes nothing.
+after rollout: the "canonical order"). A pass packs sequences (context + response) into
+padding-free micro-batches of at most ``token_budget`` tokens, runs the policy body once
+per micro-batch, and maps the rows back to canonical order. Every rank runs the same
+number of micro-batches (FSDP2's collectives must match), padding with
+``packing.padding_micro_batch``, which contributes nothing.
+
+The teacher phase is ONE pass: every (context, response) sequence it needs (policy,
+correct teacher, wrong teacher) is packed into the same set of micro-batches
+(``context_hidden_states``), so the three contexts share micro-batches and FSDP2
+all-gathers instead of paying them three times.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 
 import cepo_kernels as ck
 from cepo.distributed import all_reduce_max
-from cepo.packing import pack_by_budget, pack_sequences, response_gather_index
+from cepo.packing import pack_by_budget, pack_sequences, padding_micro_batch, response_gather_index
 
 
 @dataclass
@@ -46,51 +52,74 @@ class Responses:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def _micro_batches(contexts: list[list[int]], responses: Responses, token_budget: int,
-                   device: torch.device):
-    """Yield (rollout indices, PackedBatch, gather index) per micro-batch; None for padding."""
-    seqs = [ctx + resp for ctx, resp in zip(contexts, responses.response_ids)]
-    groups = pack_by_budget([len(s) for s in seqs], token_budget) if seqs else []
+@dataclass
+class Sequence:
+    """One packed sequence: a context followed by rollout ``rollout``'s response."""
+
+    context: list[int]
+    rollout: int
+    tag: str = ""
+
+
+def micro_batches(sequences: list[Sequence], responses: Responses, token_budget: int,
+                  device: torch.device):
+    """Yield, per micro-batch, (member indices into ``sequences``, PackedBatch, gather
+    index [M] of the rows predicting the members' response tokens, in member order), or
+    None for a padding turn. Every rank yields the same number of items (collective)."""
+    full = [s.context + responses.response_ids[s.rollout] for s in sequences]
+    groups = pack_by_budget([len(f) for f in full], token_budget) if full else []
     count = all_reduce_max(len(groups), device)
     for k in range(count):
         if k >= len(groups):
             yield None
             continue
         members = groups[k]
-        batch = pack_sequences([seqs[i] for i in members])
-        index, _ = response_gather_index(batch, [len(contexts[i]) for i in members],
-                                         [len(responses.response_ids[i]) for i in members])
+        batch = pack_sequences([full[i] for i in members])
+        index, _ = response_gather_index(
+            batch, [len(sequences[i].context) for i in members],
+            [len(responses.response_ids[sequences[i].rollout]) for i in members])
         yield members, batch.to(device), index.to(device)
 
 
-def _dummy(pad_id: int, device: torch.device):
-    batch = pack_sequences([[pad_id, pad_id]]).to(device)
-    return batch, torch.zeros(1, dtype=torch.long, device=device)
+def _padding_turn(pad_id: int, device: torch.device):
+    batch, index, targets = padding_micro_batch(pad_id)
+    return batch.to(device), index.to(device), targets.to(device)
 
 
 @torch.no_grad()
-def hidden_states(policy, contexts: list[list[int]], responses: Responses, *, token_budget: int,
-                  pad_id: int, device: torch.device) -> torch.Tensor:
-    """[N, H] hidden states predicting each response token, under the given contexts."""
-    out = None
-    for item in _micro_batches(contexts, responses, token_budget, device):
+def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
+                          responses: Responses, *, token_budget: int, pad_id: int,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    """[N, H] hidden states predicting each response token, per named context, from ONE
+    packed pass over all (context, response) sequences.
+
+    contexts: name -> one context (token ids) per rollout, or None where that rollout
+    does not need this context (its rows stay 0). Every name gets an [N, H] tensor in
+    canonical order.
+    """
+    sequences = [Sequence(ctx, i, name) for name, per_rollout in contexts.items()
+                 for i, ctx in enumerate(per_rollout) if ctx is not None]
+    out: dict[str, torch.Tensor] = {}
+    hdim = policy.base.config.hidden_size
+    for item in micro_batches(sequences, responses, token_budget, device):
         if item is None:
-            policy(*_dummy(pad_id, device))
+            batch, index, _ = _padding_turn(pad_id, device)
+            policy(batch, index)
             continue
         members, batch, index = item
         h = policy(batch, index)
-        if out is None:
-            out = h.new_empty(responses.num_tokens, h.shape[1])
-        out[responses.positions(members).to(device)] = h
-    if out is None:  # this rank has no response tokens
-        hdim = policy.base.config.hidden_size
-        out = torch.zeros(0, hdim, device=device)
+        if not out:
+            out = {name: h.new_zeros(responses.num_tokens, hdim) for name in contexts}
+        start = 0
+        for j in members:
+            seq = sequences[j]
+            n = len(responses.response_ids[seq.rollout])
+            first = responses.offsets[seq.rollout]
+            out[seq.tag][first:first + n] = h[start:start + n]
+            start += n
+    if not out:  # this rank has no response tokens
+        out = {name: torch.zeros(responses.num_tokens, hdim, device=device) for name in contexts}
     return out
-
-
-def head_weight(policy) -> torch.Tensor:
-    """The LM head weight, unsharded (call inside ``unsharded(policy)``)."""
-    return policy.head_weight()
 
 
 class unsharded:
@@ -109,59 +138,81 @@ class unsharded:
             self.policy.reshard()
 
 
-def evidence(policy, policy_ctx, pos_ctx, neg_ctx, responses: Responses, advantages: torch.Tensor,
-             has_negative: torch.Tensor, *, lam: float, eps_w: float, temperature: float,
-             token_budget: int, pad_id: int, device: torch.device) -> ck.Evidence:
-    """DESIGN.md steps 2-5: three no-grad body passes, then one contrastive_evidence call."""
-    kw = dict(token_budget=token_budget, pad_id=pad_id, device=device)
-    h_pol = hidden_states(policy, policy_ctx, responses, **kw)
-    h_pos = hidden_states(policy, pos_ctx, responses, **kw)
-    h_neg = hidden_states(policy, neg_ctx, responses, **kw)
+def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Responses,
+             advantages: torch.Tensor, has_negative: torch.Tensor, *, lam: float, eps_w: float,
+             temperature: float, token_budget: int, pad_id: int,
+             device: torch.device) -> ck.Evidence:
+    """docs/algorithm.md steps 2-5: one packed no-grad pass over the contexts the step
+    needs, then one contrastive_evidence call.
+
+    contexts: "policy", "pos" and "neg", each one context per rollout or None where not
+    needed: a rollout whose group has a wrong answer (has_negative) needs no policy
+    context unless the caller wants ``lp_policy`` for it (old log-probs for several
+    mini-batches); one without needs no "neg". Rows not computed are 0 in the hidden
+    states, so ``lp_policy`` / ``lp_neg`` there are meaningless and unused.
+    """
+    h = context_hidden_states(policy, contexts, responses, token_budget=token_budget,
+                              pad_id=pad_id, device=device)
     with unsharded(policy), torch.no_grad():
-        weight = head_weight(policy)
-        return ck.contrastive_evidence(h_pol, h_pos, h_neg, weight, responses.targets.to(device),
-                                       advantages.to(device), has_negative.to(device), lam=lam,
-                                       eps_w=eps_w, temperature=temperature)
+        weight = policy.head_weight()
+        h = {k: v.to(weight.dtype) for k, v in h.items()}
+        return ck.contrastive_evidence(h["policy"], h["pos"], h["neg"], weight,
+                                       responses.targets.to(device), advantages.to(device),
+                                       has_negative.to(device), lam=lam, eps_w=eps_w,
+                                       temperature=temperature)
 
 
 @torch.no_grad()
-def policy_logprobs(policy, policy_ctx, responses: Responses, *, temperature: float,
-                    token_budget: int, pad_id: int, device: torch.device) -> torch.Tensor:
-    """[N] log-probs of the responses under the current policy (old log-probs for mini-batches)."""
-    h = hidden_states(policy, policy_ctx, responses, token_budget=token_budget, pad_id=pad_id,
-                      device=device)
+def policy_logprobs(policy, policy_ctx: list[list[int]], responses: Responses, *,
+                    temperature: float, token_budget: int, pad_id: int,
+                    device: torch.device) -> torch.Tensor:
+    """[N] log-probs of the responses under ``policy`` (old log-probs, or a reference)."""
+    h = context_hidden_states(policy, {"policy": policy_ctx}, responses,
+                              token_budget=token_budget, pad_id=pad_id, device=device)["policy"]
     with unsharded(policy):
-        return ck.fused_logprobs(h, head_weight(policy), responses.targets.to(device),
+        weight = policy.head_weight()
+        return ck.fused_logprobs(h.to(weight.dtype), weight, responses.targets.to(device),
                                  temperature=temperature).logprobs
+
+
+UPDATE_STATS = ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "entropy")
+"""Per-token means the fused PPO loss reports, logged per step (token-weighted)."""
+
+
+@dataclass
+class UpdateResult:
+    """One mini-batch's update on this rank: its loss share (the ranks' shares add up to
+    the mini-batch's token mean), token-weighted statistic sums, and the [N] log-probs of
+    the responses under the weights before this update (NaN outside the mini-batch)."""
+
+    loss: float
+    tokens: float
+    stat_sums: dict[str, float]
+    logprobs: torch.Tensor
 
 
 def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[int], *,
                token_advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
                ref_logprobs: torch.Tensor | None, global_tokens: float, world_size: int,
                clip_low: float, clip_high: float, temperature: float, kl_coef: float,
-               token_budget: int, pad_id: int, device: torch.device) -> dict:
+               token_budget: int, pad_id: int, device: torch.device) -> UpdateResult:
     """Forward + backward of the fused PPO loss over the given rollouts (one mini-batch).
 
     The loss of each micro-batch is divided by the global number of tokens of the
     mini-batch (all ranks), so the summed gradient is the token mean over the whole
     mini-batch; FSDP2 averages gradients over ranks, hence the factor world_size.
-    Returns summed statistics (weighted by tokens) for logging, and under "logprobs" the
-    [N] log-probs of the responses' tokens under the weights before this update (NaN
-    outside the given rollouts), from the loss forward at no extra cost.
     """
-    contexts = [policy_ctx[i] for i in rollout_indices]
     picked = responses.positions(rollout_indices)
     local = Responses.of([responses.response_ids[i] for i in rollout_indices])
+    sequences = [Sequence(policy_ctx[i], k) for k, i in enumerate(rollout_indices)]
     adv = token_advantages.to(device)[picked.to(device)]
     old = old_logprobs.to(device)[picked.to(device)] if old_logprobs is not None else None
     ref = ref_logprobs.to(device)[picked.to(device)] if ref_logprobs is not None else None
-    totals = dict(loss=0.0, clip_frac_low=0.0, clip_frac_high=0.0, approx_kl=0.0, ratio_mean=0.0,
-                  entropy=0.0, tokens=0.0)
-    logprobs = torch.full((responses.num_tokens,), float("nan"))
-    for item in _micro_batches(contexts, local, token_budget, device):
-        if item is None:
-            batch, index = _dummy(pad_id, device)
-            targets = torch.full((1,), pad_id, dtype=torch.long, device=device)
+    result = UpdateResult(0.0, 0.0, {k: 0.0 for k in UPDATE_STATS},
+                          torch.full((responses.num_tokens,), float("nan")))
+    for item in micro_batches(sequences, local, token_budget, device):
+        if item is None:  # zero weight on the one token: loss exactly 0, zero gradients
+            batch, index, targets = _padding_turn(pad_id, device)
             none = torch.zeros(1, device=device)
             loss, _ = policy(batch, index, targets, ppo=dict(
                 old_logprobs=None, token_advantages=none, mask=none.bool(), normalizer=1.0,
@@ -169,7 +220,7 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
             (loss * world_size).backward()
             continue
         members, batch, index = item
-        pos = local.positions(members).to(device)
+        pos = local.positions([sequences[j].rollout for j in members]).to(device)
         targets = local.targets.to(device)[pos]
         loss, stats = policy(batch, index, targets, ppo=dict(
             old_logprobs=old[pos] if old is not None else None, token_advantages=adv[pos],
@@ -178,11 +229,10 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
             ref_logprobs=ref[pos] if ref is not None else None, kl_coef=kl_coef,
             return_entropy=True))
         (loss * world_size).backward()
-        logprobs[picked[pos.cpu()]] = stats.logprobs.detach().float().cpu()
+        result.logprobs[picked[pos.cpu()]] = stats.logprobs.detach().float().cpu()
         n = float(stats.num_tokens)
-        totals["loss"] += float(loss.detach())
-        totals["tokens"] += n
-        for key in ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "entropy"):
-            totals[key] += float(getattr(stats, key)) * n
-    totals["logprobs"] = logprobs
-    return totals
+        result.loss += float(loss.detach())
+        result.tokens += n
+        for key in UPDATE_STATS:
+            result.stat_sums[key] += float(getattr(stats, key)) * n
+    return result

@@ -26,13 +26,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cepo.contexts import NATURAL_HINT_TEMPLATE
+
 HARD_TRAIN = "train_3ops.jsonl"
 
 VARIANTS: dict[str, list[str]] = {
     "grpo": ["--algo", "grpo"],
     "cepo": ["--algo", "cepo"],
-    "cepo, natural-language hint": ["--algo", "cepo", "--hint_template",
-                                    "A reference final answer is {answer}."],
+    "cepo, natural-language hint": ["--algo", "cepo", "--hint_template", NATURAL_HINT_TEMPLATE],
     "cepo, wrong answer most_frequent": ["--algo", "cepo", "--wrong_answer_strategy",
                                          "most_frequent"],
     "cepo, wrong answer random": ["--algo", "cepo", "--wrong_answer_strategy", "random"],

@@ -100,7 +100,7 @@ def test_natural_template_is_neutral_and_only_in_teachers(tokenizer):
     pol, pos, neg = build_contexts(tokenizer, ["2*5"], ["10"], ["12"], NATURAL_HINT_TEMPLATE)
     text = [tokenizer.decode(x[0]) for x in (pol, pos, neg)]
     assert "reference answer" not in text[0] and "10" not in text[0]
-    assert "A reference answer: 10." in text[1] and "A reference answer: 12." in text[2]
+    assert "A reference final answer is 10." in text[1] and "A reference final answer is 12." in text[2]
     # same framing for right and wrong: the texts differ only in the answer itself
     assert text[1].replace("10", "X") == text[2].replace("12", "X")
     assert "correct" not in NATURAL_HINT_TEMPLATE.lower() and "wrong" not in NATURAL_HINT_TEMPLATE

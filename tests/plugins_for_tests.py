@@ -34,3 +34,29 @@ def hang_sometimes(response: str, answer: str) -> float:
     if len(response) % 3 == 0:
         time.sleep(3600)
     return digits_reward(response, answer)
+
+
+def kill_trainer_once(response: str, answer: str) -> float:
+    """digits_reward, but the N-th call overall (N in the file named by CEPO_TEST_KILL, whose
+    size counts calls across worker processes) SIGKILLs the trainer, the verifier's
+    parent, mid-step; the file is then removed, so a resumed run is not killed again."""
+    import signal
+
+    armed = os.environ.get("CEPO_TEST_KILL")
+    if armed and os.path.exists(armed):
+        with open(armed) as f:
+            target = int(f.readline())
+        counter = armed + ".calls"
+        fd = os.open(counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, b"x")
+        os.close(fd)
+        if os.path.getsize(counter) >= target:
+            os.remove(armed)
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(60)
+    return digits_reward(response, answer)
+
+
+def nan_reward(response: str, answer: str) -> float:
+    """Not a number: the advantages, hence the loss, become NaN."""
+    return float("nan")

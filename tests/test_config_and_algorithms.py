@@ -108,19 +108,26 @@ def test_tensorboard_and_wandb_options(tmp_path):
             MetricsLogger(tmp_path, enabled=True, wandb_project="p")
 
 
-def test_logprob_differences_aligns_tokens_and_skips_unmeasured():
-    """Sampler vs trainer log-probs: the EOS appended to a stopped response was never
-    reported by the sampler (not compared), NaN trainer entries are skipped."""
+def test_logprob_check_aligns_tokens_and_skips_unmeasured():
+    """Sampler vs trainer log-probs: tokens the sampler did not report and NaN trainer
+    entries (rollouts outside the first mini-batch) are skipped; mean and max reduce."""
     import math
 
     from cepo.rollout import TrainItem
-    from cepo.train import logprob_differences
+    from cepo.step_metrics import StepMetrics
+    from cepo.train import record_logprob_check
 
-    items = [TrainItem([1], None, None, [5, 6, 2], 1.0, True, [-0.5, -1.0]),  # 2 = EOS
+    items = [TrainItem([1], None, None, [5, 6, 2], 1.0, True, [-0.5, -1.0]),  # 2 not reported
              TrainItem([1], None, None, [7], -1.0, False, [-2.0])]
     trainer = torch.tensor([-0.5, -1.25, -3.0, float("nan")])
-    total, count, worst = logprob_differences(items, trainer)
-    assert count == 2 and math.isclose(total, 0.25) and math.isclose(worst, 0.25)
-    assert logprob_differences(items, None) == (0.0, 0.0, 0.0)
-    items[1].sampler_logprobs = None  # the sampler was not asked
-    assert logprob_differences(items, trainer) == (0.0, 0.0, 0.0)
+    m = StepMetrics()
+    record_logprob_check(items, trainer, m)
+    out = m.reduce()
+    assert math.isclose(out["logprob_diff_mean"], 0.125) and math.isclose(out["logprob_diff_max"], 0.25)
+    for trainer_lp in (None, trainer):
+        m = StepMetrics()
+        m.declare("logprob_diff_mean", "logprob_diff_max")
+        if trainer_lp is not None:
+            items[1].sampler_logprobs = None  # the sampler was not asked
+        record_logprob_check(items, trainer_lp, m)
+        assert m.reduce() == {"logprob_diff_mean": None, "logprob_diff_max": None}

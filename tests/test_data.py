@@ -78,7 +78,7 @@ def test_own_training_file_with_the_builtin_held_out_set(tmp_path):
     (the sweep's 'harder task' trains on a file and must keep the same evaluation set)."""
     from cepo.arithmetic import make_split
     from cepo.config import parse_config
-    from cepo.train import load_datasets
+    from cepo.build import load_datasets
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "1+2*3", "answer": "9"}\n')

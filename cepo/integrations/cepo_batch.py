@@ -1,0 +1,237 @@
+"""CEPO on a batch another trainer already sampled and scored: the wrong answer of each
+group, the hinted teacher prompts, and the token advantages from ``contrastive_evidence``.
+
+Framework-free (torch and cepo only): the TRL adapter calls these with TRL's batch.
+Rollouts of one group are consecutive (G = num_generations per prompt), as TRL, verl and
+OpenRLHF lay them out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+import cepo_kernels as ck
+from cepo.algorithms import lambda_at
+from cepo.contexts import (ANSWER_ONLY_TEMPLATE, STRATEGIES, check_hint_template,
+                           choose_wrong_answers, hinted_prompt)
+from cepo.integrations.head import completion_hidden, head_weight_for
+
+ALGOS = ("cepo", "rlsd")
+SCHEDULES = ("linear", "constant", "cosine")
+
+
+def default_answer_extractor() -> Callable[[str], str | None]:
+    """cepo.answers.extract_answer in its default mode when it exists, else extract_boxed."""
+    from cepo import answers
+    extract = getattr(answers, "extract_answer", None)
+    if extract is None:
+        return answers.extract_boxed
+    return lambda text: extract(text, "boxed")
+
+
+@dataclass
+class CEPOOptions:
+    """CEPO's knobs (DESIGN.md steps 2-5). ``lambda0 = 0`` turns CEPO off (GRPO exactly).
+
+    lambda0 / t_warm / schedule: lambda decays from lambda0 to 0 over t_warm optimizer
+    steps (cepo.algorithms.lambda_at). eps_w: token weights are clipped to 1 +- eps_w.
+    algo: "cepo" (wrong-answer teacher, RLSD fallback per group) or "rlsd" (always the
+    fallback, delta = lp_pos - lp_policy). hint_template: how a hint is appended to the
+    user message (cepo.contexts.hinted_prompt). answer_column: the dataset column with the
+    gold answer. wrong_answer_strategy: cepo.contexts.choose_wrong_answers. correct_threshold:
+    a rollout whose total reward is >= this counts as correct (never a wrong-answer
+    candidate). answer_extractor: response text -> final answer or None (default: the last
+    \\boxed{}).
+    """
+
+    lambda0: float = 0.0
+    t_warm: int = 25
+    schedule: str = "linear"
+    eps_w: float = 0.2
+    algo: str = "cepo"
+    hint_template: str = ANSWER_ONLY_TEMPLATE
+    answer_column: str = "answer"
+    wrong_answer_strategy: str = "worst"
+    correct_threshold: float = 1.0
+    answer_extractor: Callable[[str], str | None] | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.lambda0 <= 1.0:
+            raise ValueError(f"cepo_lambda0 must be in [0, 1], got {self.lambda0}")
+        if not 0.0 <= self.eps_w <= 1.0:
+            raise ValueError(f"cepo_eps_w must be in [0, 1], got {self.eps_w}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"cepo_schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.algo not in ALGOS:
+            raise ValueError(f"cepo_algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.wrong_answer_strategy not in STRATEGIES:
+            raise ValueError(f"cepo_wrong_answer_strategy must be one of {STRATEGIES}, "
+                             f"got {self.wrong_answer_strategy!r}")
+        check_hint_template(self.hint_template)
+        if self.answer_extractor is None:
+            self.answer_extractor = default_answer_extractor()
+
+    @property
+    def enabled(self) -> bool:
+        return self.lambda0 > 0.0
+
+    def lam(self, step: int) -> float:
+        """lambda at a 0-based optimizer step."""
+        return lambda_at(step, algo=self.algo, lam0=self.lambda0, t_warm=self.t_warm,
+                         schedule=self.schedule)
+
+
+def completion_text(completion) -> str:
+    """A completion as text: TRL gives a str, or a list of messages for chat prompts."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        return "".join(m["content"] if isinstance(m.get("content"), str) else ""
+                       for m in completion if m.get("role", "assistant") == "assistant")
+    raise ValueError(f"completion must be a str or a list of messages, got {type(completion)}")
+
+
+def wrong_answers_per_rollout(completions: Sequence[str], rewards: Sequence[float],
+                              gold_answers: Sequence[str | None], num_generations: int, *,
+                              options: CEPOOptions, rng=None) -> list[str | None]:
+    """Per rollout, its group's wrong answer r- (None: no candidate, the RLSD fallback).
+
+    completions / rewards / gold_answers: one entry per rollout, groups of
+    ``num_generations`` consecutive rollouts (the gold answer is read from each group's
+    first rollout). A rollout is a candidate when its reward is finite and below
+    ``options.correct_threshold`` and its extracted answer differs from the gold one.
+    """
+    n = len(completions)
+    if not n == len(rewards) == len(gold_answers) or n % num_generations:
+        raise ValueError(f"wrong_answers_per_rollout: {n} completions, {len(rewards)} rewards, "
+                         f"{len(gold_answers)} gold answers for groups of {num_generations}")
+    groups, golds = [], []
+    for start in range(0, n, num_generations):
+        group = []
+        for i in range(start, start + num_generations):
+            reward = float(rewards[i])
+            ok = math.isfinite(reward)
+            group.append({"answer": options.answer_extractor(completions[i]) if ok else None,
+                          "reward": reward if ok else 0.0,
+                          "correct": (not ok) or reward >= options.correct_threshold})
+        groups.append(group)
+        golds.append(None if gold_answers[start] is None else str(gold_answers[start]))
+    chosen = choose_wrong_answers(groups, options.wrong_answer_strategy, rng, gold_answers=golds)
+    return [w for w in chosen for _ in range(num_generations)]
+
+
+def hinted_trl_prompt(prompt, hint: str, hint_template: str):
+    """A TRL prompt with the hint appended to its last user message (chat prompts) or to
+    the text (standard prompts), exactly as cepo.contexts.hinted_prompt writes it."""
+    if isinstance(prompt, str):
+        return hinted_prompt(prompt, hint, hint_template)
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"prompt must be a str or a non-empty list of messages, got {prompt!r}")
+    messages = copy.deepcopy(prompt)
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            if not isinstance(message.get("content"), str):
+                raise ValueError("CEPO hints need text user messages; multimodal content "
+                                 "(a list of parts) is not supported by the TRL adapter")
+            message["content"] = hinted_prompt(message["content"], hint, hint_template)
+            return messages
+    raise ValueError("CEPO hints go into the last user message, and this prompt has none")
+
+
+def _left_padded(contexts: Sequence[Sequence[int]], completion_ids: torch.Tensor,
+                 completion_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, P + T] ids and attention mask: contexts left-padded to P, then the completions."""
+    width = max(len(c) for c in contexts)
+    device = completion_ids.device
+    ids = torch.full((len(contexts), width), pad_id, dtype=completion_ids.dtype, device=device)
+    mask = torch.zeros((len(contexts), width), dtype=completion_mask.dtype, device=device)
+    for i, c in enumerate(contexts):
+        if len(c):
+            ids[i, width - len(c):] = torch.as_tensor(list(c), dtype=ids.dtype, device=device)
+            mask[i, width - len(c):] = 1
+    return torch.cat([ids, completion_ids], 1), torch.cat([mask, completion_mask], 1)
+
+
+@torch.no_grad()
+def context_hidden(body, contexts: Sequence[Sequence[int]], completion_ids: torch.Tensor,
+                   completion_mask: torch.Tensor, *, pad_id: int, batch_size: int,
+                   autocast=None) -> torch.Tensor:
+    """Hidden states [n_tokens, H] of the completion tokens (mask order) after each context.
+
+    contexts: one token list per row of completion_ids [B, T]; rows run in chunks of
+    ``batch_size``, each left-padded like TRL's own batches.
+    """
+    out = []
+    for start in range(0, len(contexts), batch_size):
+        end = min(start + batch_size, len(contexts))
+        cids, cmask = completion_ids[start:end], completion_mask[start:end]
+        ids, attn = _left_padded(contexts[start:end], cids, cmask, pad_id)
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            h = completion_hidden(body, ids, attn, cids.shape[1])
+        out.append(h[cmask.bool()])
+    return torch.cat(out, 0)
+
+
+@torch.no_grad()
+def token_advantages(body, head, *, policy_contexts: Sequence[Sequence[int]],
+                     pos_contexts: Sequence[Sequence[int]],
+                     neg_contexts: Sequence[Sequence[int] | None],
+                     completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                     advantages: torch.Tensor, lam: float, eps_w: float, temperature: float,
+                     pad_id: int, batch_size: int, autocast=None, backend: str | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """CEPO token advantages [B, T] for a batch of B rollouts (DESIGN.md steps 2-5).
+
+    *_contexts: per rollout, the prompt token ids of the policy, correct-answer and
+    wrong-answer contexts (neg None: the group's RLSD fallback). completion_ids /
+    completion_mask [B, T]: the sampled responses, right-padded. advantages [B]: the
+    sequence advantages A. Rows with A = 0 keep 0 (no teacher pass is run for them);
+    elsewhere the masked tokens get A ((1 - lam) + lam w_t) and padding keeps A.
+    Returns (token advantages [B, T] float32, metrics).
+    """
+    adv = advantages.float()
+    out = adv[:, None].expand_as(completion_ids).clone()
+    rows = [i for i in range(len(adv)) if adv[i].item() != 0.0]
+    metrics = {"cepo/lambda": float(lam),
+               "cepo/frac_with_wrong_answer": sum(n is not None for n in neg_contexts)
+               / max(len(neg_contexts), 1)}
+    if not rows or lam == 0.0:
+        return out, metrics
+    sel = torch.tensor(rows, device=completion_ids.device)
+    cids, cmask = completion_ids[sel], completion_mask[sel]
+    kw = dict(pad_id=pad_id, batch_size=batch_size, autocast=autocast)
+    h_pol = context_hidden(body, [policy_contexts[i] for i in rows], cids, cmask, **kw)
+    h_pos = context_hidden(body, [pos_contexts[i] for i in rows], cids, cmask, **kw)
+    has_neg_rows = [neg_contexts[i] is not None for i in rows]
+    h_neg = h_pos.clone()
+    if any(has_neg_rows):
+        neg_rows = [j for j, has in enumerate(has_neg_rows) if has]
+        nsel = torch.tensor(neg_rows, device=cids.device)
+        h_some = context_hidden(body, [neg_contexts[rows[j]] for j in neg_rows], cids[nsel],
+                                cmask[nsel], **kw)
+        # scatter the wrong-teacher rows' tokens into place (token order = row-major mask)
+        row_of_token = torch.arange(len(rows), device=cids.device)[:, None].expand_as(cmask)
+        row_of_token = row_of_token[cmask.bool()]
+        token_has_neg = torch.tensor(has_neg_rows, device=cids.device)[row_of_token]
+        h_neg[token_has_neg] = h_some
+    else:
+        token_has_neg = torch.zeros(h_pol.shape[0], dtype=torch.bool, device=cids.device)
+    keep = cmask.bool()
+    targets = cids[keep].long()
+    a_tok = adv[sel][:, None].expand_as(cmask)[keep].contiguous()
+    h_pol, weight = head_weight_for(h_pol, head)
+    ev = ck.contrastive_evidence(h_pol, h_pos.to(weight.dtype), h_neg.to(weight.dtype), weight,
+                                 targets, a_tok, token_has_neg, lam=float(lam), eps_w=float(eps_w),
+                                 temperature=temperature, backend=backend)
+    block = out[sel]
+    block[keep] = ev.token_advantages.float()
+    out[sel] = block
+    metrics["cepo/weight_clip_frac"] = float(ev.clipped.float().mean())
+    metrics["cepo/delta_abs_mean"] = float(ev.delta.abs().mean())
+    return out, metrics

@@ -34,7 +34,8 @@ def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
                          f"do not apply; use trl.GRPOTrainer for this model")
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                 "lm_head_multiplier"):
         if getattr(text_config, name, None) not in (None, 1.0):
             raise ValueError(f"{type(model).__name__}: config.{name}="
                              f"{getattr(text_config, name)} changes the logits, which the fused "

@@ -12,8 +12,8 @@ logging, checkpoints):
 - ``_get_per_token_logps_and_entropies``: the decoder body for hidden states, then
   ``cepo_kernels.fused_logprobs`` through the LM head (old / reference log-probs).
 - ``_compute_loss``: ``cepo_kernels.fused_linear_ppo_loss`` (PPO clip with TRL's
-  epsilon / epsilon_high, its loss_type aggregation, optional k3 KL with beta, vLLM
-  importance-sampling ratios), so no [tokens x vocab] logits are materialised.
+  epsilon / epsilon_high, its loss_type aggregation, the k3 KL with beta (bias-corrected
+  or not), vLLM importance-sampling ratios), so no [tokens x vocab] logits are materialised.
 - ``_generate_and_score_completions`` (with ``cepo_lambda0 > 0``): after TRL has scored
   the batch, the correct- and wrong-answer teacher contexts are built from its prompts,
   completions, rewards and the dataset's answer column, and the sequence advantages
@@ -23,8 +23,10 @@ logging, checkpoints):
 Loss types: grpo, bnpo, dr_grpo, dapo (TRL's default). Settings the fused loss does not
 reproduce raise ValueError at construction, naming the field: other loss types, sequence-
 level importance sampling, ``delta``, ``off_policy_mask_threshold``,
-``top_entropy_quantile < 1``, an entropy bonus, MoE router aux loss, beta > 0 with
-loss_type grpo or with ``use_bias_correction_kl``, and vision-language inputs.
+``top_entropy_quantile < 1``, an entropy bonus, MoE router aux loss, and vision-language
+inputs. The KL term (beta > 0) goes through the PPO kernel's fused k3 term where TRL's KL
+is exactly that (bnpo / dr_grpo / dapo without ``use_bias_correction_kl``), else through
+``fused_logprobs`` (one more pass through the head; TRL's default bias-corrected KL).
 """
 
 from __future__ import annotations
@@ -104,10 +106,7 @@ class CEPOGRPOTrainer(GRPOTrainer):
                   ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None),
                   ("top_entropy_quantile", self.top_entropy_quantile < 1.0),
                   ("entropy_coef / use_adaptive_entropy", self._entropy_bonus_enabled),
-                  ("router_aux_loss_coef (MoE aux loss)", self.aux_loss_enabled),
-                  ("beta with loss_type='grpo'", self.beta != 0.0 and self.loss_type == "grpo"),
-                  ("use_bias_correction_kl", self.beta != 0.0
-                   and getattr(args, "use_bias_correction_kl", False))]
+                  ("router_aux_loss_coef (MoE aux loss)", self.aux_loss_enabled)]
         for name, unsupported in checks:
             if unsupported:
                 raise ValueError(f"{name}: not supported by cepo's fused PPO loss{fix}")
@@ -196,18 +195,43 @@ class CEPOGRPOTrainer(GRPOTrainer):
             advantages = advantages / mask.sum(-1, keepdim=True).clamp(min=1.0)
         old = inputs.get("old_per_token_logps")
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        # the kernel's own k3 term has one weight for every token and no importance ratio:
+        # TRL's KL goes through it when that is what TRL computes, else through fused_logprobs
+        fused_kl = ref is not None and self.loss_type != "grpo" and not self._bias_corrected_kl
+        normalizer = self._loss_normalizer(inputs, mask, mode)
+        h2d = hidden.reshape(-1, hidden.shape[-1])
+        targets = completion_targets(completion_ids, completion_mask).reshape(-1)
 
         loss, stats = ck.fused_linear_ppo_loss(
-            hidden.reshape(-1, hidden.shape[-1]), weight,
-            completion_targets(completion_ids, completion_mask).reshape(-1),
-            None if old is None else old.float().reshape(-1),
+            h2d, weight, targets, None if old is None else old.float().reshape(-1),
             advantages.contiguous().reshape(-1), mask.bool().reshape(-1),
             clip_low=self.epsilon_low, clip_high=self.epsilon_high, temperature=self.temperature,
-            normalizer=self._loss_normalizer(inputs, mask, mode),
-            ref_logprobs=None if ref is None else ref.float().reshape(-1),
-            kl_coef=float(self.beta), return_entropy=True, backend=self.kernels_backend)
+            normalizer=normalizer, ref_logprobs=ref.float().reshape(-1) if fused_kl else None,
+            kl_coef=float(self.beta) if fused_kl else 0.0, return_entropy=True,
+            backend=self.kernels_backend)
+        if ref is not None and not fused_kl:
+            loss = loss + self._kl_loss(h2d, weight, targets, old, ref, mask, normalizer)
         self._log_loss_metrics(mode, stats, inputs, mask, old, ref)
         return loss
+
+    @property
+    def _bias_corrected_kl(self) -> bool:
+        return bool(getattr(self.args, "use_bias_correction_kl", False))
+
+    def _kl_loss(self, hidden, weight, targets, old, ref, mask, normalizer) -> torch.Tensor:
+        """beta * TRL's per-token k3 KL (times the importance ratio with
+        use_bias_correction_kl), aggregated like the policy term: differentiable log-probs
+        from fused_logprobs (one more pass through the head, still no [N, V] logits)."""
+        logps = ck.fused_logprobs(hidden, weight, targets, temperature=self.temperature,
+                                  backend=self.kernels_backend).logprobs.view(mask.shape)
+        diff = ref.float() - logps
+        kl = torch.exp(diff) - diff - 1
+        if self._bias_corrected_kl:
+            kl = kl * torch.exp(logps - (logps.detach() if old is None else old.float()))
+        mask = mask.float()
+        if self.loss_type == "grpo":
+            mask = mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        return self.beta * (kl * mask).sum() / normalizer
 
     def _log_loss_metrics(self, mode, stats, inputs, mask, old, ref) -> None:
         """The metrics TRL logs for these loss types, from the kernel's detached log-probs."""
@@ -222,12 +246,13 @@ class CEPOGRPOTrainer(GRPOTrainer):
         def masked_mean(x):
             return global_mean((x * mask).sum(), mask.sum())
 
+        ratio = torch.exp(logps - (logps if old is None else old.float()))
         if ref is not None:
             diff = ref.float() - logps
-            self._metrics[mode]["kl"].append(masked_mean(torch.exp(diff) - diff - 1))
+            kl = torch.exp(diff) - diff - 1
+            self._metrics[mode]["kl"].append(masked_mean(kl * ratio if self._bias_corrected_kl else kl))
         self._metrics[mode]["entropy"].append(
             global_mean(stats.entropy * stats.num_tokens, torch.as_tensor(stats.num_tokens)))
-        ratio = torch.exp(logps - (logps if old is None else old.float()))
         adv = inputs["advantages"]
         adv = adv[:, None] if adv.dim() == 1 else adv
         low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()

@@ -175,6 +175,32 @@ def test_on_policy_vllm_ratio_and_tool_mask_equal_trl(tiny, tmp_path, loss_type)
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_lora_loss_and_gradients_equal_trl(tiny, tmp_path):
+    """A PEFT (LoRA) policy: the body call keeps the adapters, gradients reach them alike."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    model, tokenizer = tiny
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ours = CEPOGRPOTrainer(model=copy.deepcopy(model), processing_class=tokenizer,
+                           reward_funcs=_zero_reward, args=_config(tmp_path / "a", beta=0.04),
+                           train_dataset=_dataset(), peft_config=peft.LoraConfig(**lora))
+    theirs = GRPOTrainer(model=copy.deepcopy(model), processing_class=tokenizer,
+                         reward_funcs=_zero_reward, args=_config(tmp_path / "b", beta=0.04),
+                         train_dataset=_dataset(), peft_config=peft.LoraConfig(**lora))
+    torch.manual_seed(0)
+    for a, b in zip(ours.model.parameters(), theirs.model.parameters()):  # same adapter weights
+        with torch.no_grad():
+            a.copy_(b)
+    batch, g = _batch(model.config.vocab_size, seed=3)
+    batch = _with_logps(batch, theirs, g)
+    loss_a, grads_a, _ = _loss_and_grads(ours, batch)
+    loss_b, grads_b, _ = _loss_and_grads(theirs, batch)
+    assert grads_b and all("lora" in name for name in grads_b)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_logprobs_and_entropies_equal_trl(tiny, tmp_path):
     model, tokenizer = tiny
     ours = _trainer(CEPOGRPOTrainer, copy.deepcopy(model), tokenizer, tmp_path / "a",

@@ -8,7 +8,6 @@ OpenRLHF lay them out.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import cepo_kernels as ck
 from cepo.algorithms import lambda_at
 from cepo.contexts import (ANSWER_ONLY_TEMPLATE, STRATEGIES, check_hint_template,
                            choose_wrong_answers, hinted_prompt)
-from cepo.integrations.head import completion_hidden, head_weight_for
+from cepo.integrations.head import completion_rows, no_autocast
 
 ALGOS = ("cepo", "rlsd")
 SCHEDULES = ("linear", "constant", "cosine")
@@ -159,79 +158,64 @@ def _left_padded(contexts: Sequence[Sequence[int]], completion_ids: torch.Tensor
 
 
 @torch.no_grad()
-def context_hidden(body, contexts: Sequence[Sequence[int]], completion_ids: torch.Tensor,
-                   completion_mask: torch.Tensor, *, pad_id: int, batch_size: int,
-                   autocast=None) -> torch.Tensor:
-    """Hidden states [n_tokens, H] of the completion tokens (mask order) after each context.
-
-    contexts: one token list per row of completion_ids [B, T]; rows run in chunks of
-    ``batch_size``, each left-padded like TRL's own batches.
-    """
-    out = []
-    for start in range(0, len(contexts), batch_size):
-        end = min(start + batch_size, len(contexts))
-        cids, cmask = completion_ids[start:end], completion_mask[start:end]
-        ids, attn = _left_padded(contexts[start:end], cids, cmask, pad_id)
-        with (autocast() if autocast is not None else contextlib.nullcontext()):
-            h = completion_hidden(body, ids, attn, cids.shape[1])
-        out.append(h[cmask.bool()])
-    return torch.cat(out, 0)
-
-
-@torch.no_grad()
-def token_advantages(body, head, *, policy_contexts: Sequence[Sequence[int]],
+def token_advantages(run, *, policy_contexts: Sequence[Sequence[int]],
                      pos_contexts: Sequence[Sequence[int]],
                      neg_contexts: Sequence[Sequence[int] | None],
                      completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                      advantages: torch.Tensor, lam: float, eps_w: float, temperature: float,
-                     pad_id: int, batch_size: int, autocast=None, backend: str | None = None
+                     pad_id: int, batch_size: int, backend: str | None = None
                      ) -> tuple[torch.Tensor, dict[str, float]]:
     """CEPO token advantages [B, T] for a batch of B rollouts (DESIGN.md steps 2-5).
 
-    *_contexts: per rollout, the prompt token ids of the policy, correct-answer and
-    wrong-answer contexts (neg None: the group's RLSD fallback). completion_ids /
-    completion_mask [B, T]: the sampled responses, right-padded. advantages [B]: the
-    sequence advantages A. Rows with A = 0 keep 0 (no teacher pass is run for them);
-    elsewhere the masked tokens get A ((1 - lam) + lam w_t) and padding keeps A.
+    run(input_ids, attention_mask, fn) -> fn(hidden [rows, S, H], lm_head), computed in the
+    model's forward (cepo.integrations.head.run_head). *_contexts: per rollout, the prompt
+    token ids of the policy, correct-answer and wrong-answer contexts (neg None: the
+    group's RLSD fallback). completion_ids / completion_mask [B, T]: the sampled responses,
+    right-padded. advantages [B]: the sequence advantages A. Rows with A = 0 keep 0 and
+    get no teacher pass; elsewhere masked tokens get A ((1 - lam) + lam w_t) and padding
+    keeps A. The three contexts of ``batch_size`` rollouts run as one forward (3 x
+    batch_size left-padded rows) and one contrastive_evidence call.
     Returns (token advantages [B, T] float32, metrics).
     """
     adv = advantages.float()
     out = adv[:, None].expand_as(completion_ids).clone()
     rows = [i for i in range(len(adv)) if adv[i].item() != 0.0]
-    metrics = {"cepo/lambda": float(lam),
-               "cepo/frac_with_wrong_answer": sum(n is not None for n in neg_contexts)
+    metrics = {"cepo/frac_with_wrong_answer": sum(n is not None for n in neg_contexts)
                / max(len(neg_contexts), 1)}
     if not rows or lam == 0.0:
         return out, metrics
-    sel = torch.tensor(rows, device=completion_ids.device)
-    cids, cmask = completion_ids[sel], completion_mask[sel]
-    kw = dict(pad_id=pad_id, batch_size=batch_size, autocast=autocast)
-    h_pol = context_hidden(body, [policy_contexts[i] for i in rows], cids, cmask, **kw)
-    h_pos = context_hidden(body, [pos_contexts[i] for i in rows], cids, cmask, **kw)
-    has_neg_rows = [neg_contexts[i] is not None for i in rows]
-    h_neg = h_pos.clone()
-    if any(has_neg_rows):
-        neg_rows = [j for j, has in enumerate(has_neg_rows) if has]
-        nsel = torch.tensor(neg_rows, device=cids.device)
-        h_some = context_hidden(body, [neg_contexts[rows[j]] for j in neg_rows], cids[nsel],
-                                cmask[nsel], **kw)
-        # scatter the wrong-teacher rows' tokens into place (token order = row-major mask)
-        row_of_token = torch.arange(len(rows), device=cids.device)[:, None].expand_as(cmask)
-        row_of_token = row_of_token[cmask.bool()]
-        token_has_neg = torch.tensor(has_neg_rows, device=cids.device)[row_of_token]
-        h_neg[token_has_neg] = h_some
-    else:
-        token_has_neg = torch.zeros(h_pol.shape[0], dtype=torch.bool, device=cids.device)
-    keep = cmask.bool()
-    targets = cids[keep].long()
-    a_tok = adv[sel][:, None].expand_as(cmask)[keep].contiguous()
-    h_pol, weight = head_weight_for(h_pol, head)
-    ev = ck.contrastive_evidence(h_pol, h_pos.to(weight.dtype), h_neg.to(weight.dtype), weight,
-                                 targets, a_tok, token_has_neg, lam=float(lam), eps_w=float(eps_w),
-                                 temperature=temperature, backend=backend)
-    block = out[sel]
-    block[keep] = ev.token_advantages.float()
-    out[sel] = block
-    metrics["cepo/weight_clip_frac"] = float(ev.clipped.float().mean())
-    metrics["cepo/delta_abs_mean"] = float(ev.delta.abs().mean())
+    clipped, delta_abs, count = 0.0, 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        sel = torch.tensor(chunk, device=completion_ids.device)
+        cids, cmask = completion_ids[sel], completion_mask[sel]
+        keep = cmask.bool()
+        contexts = ([policy_contexts[i] for i in chunk] + [pos_contexts[i] for i in chunk]
+                    + [neg_contexts[i] if neg_contexts[i] is not None else pos_contexts[i]
+                       for i in chunk])
+        ids, attn = _left_padded(contexts, cids.repeat(3, 1), cmask.repeat(3, 1), pad_id)
+        targets = cids[keep].long()
+        a_tok = adv[sel][:, None].expand_as(cmask)[keep].contiguous()
+        has_neg = torch.tensor([neg_contexts[i] is not None for i in chunk], device=cids.device)
+        neg_tok = has_neg[:, None].expand_as(cmask)[keep].contiguous()
+        flat_keep = keep.reshape(-1)
+
+        def evidence(hidden, head, _n=cids.shape[1]):
+            h, weight = completion_rows(hidden, head, _n)
+            h = h.view(3, -1, h.shape[-1])
+            with no_autocast(h.device):
+                return ck.contrastive_evidence(
+                    h[0][flat_keep], h[1][flat_keep], h[2][flat_keep], weight, targets, a_tok,
+                    neg_tok, lam=float(lam), eps_w=float(eps_w), temperature=temperature,
+                    backend=backend)
+
+        ev = run(ids, attn, evidence)
+        block = out[sel]
+        block[keep] = ev.token_advantages.float()
+        out[sel] = block
+        clipped += float(ev.clipped.float().sum())
+        delta_abs += float(ev.delta.abs().sum())
+        count += int(keep.sum())
+    metrics["cepo/weight_clip_frac"] = clipped / max(count, 1)
+    metrics["cepo/delta_abs_mean"] = delta_abs / max(count, 1)
     return out, metrics

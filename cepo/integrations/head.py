@@ -1,12 +1,22 @@
-"""The decoder body and LM head of a Hugging Face causal LM, and the hidden states that
-predict a padded batch's completion tokens: what the fused kernels take instead of logits.
+"""The decoder body and LM head of a Hugging Face causal LM, and a forward hook that runs
+a fused-head function on the body's hidden states *inside* the model's forward.
+
+Running inside ``model(...)`` matters: the call goes through whatever wraps the model
+(PEFT, DDP, FSDP, DeepSpeed), so parameters are gathered and gradients synchronised as
+for any forward; only the ``[tokens x vocab]`` logits are never built.
 """
 
 from __future__ import annotations
 
+import functools
+import types
+from typing import Callable
+
 import torch
 
 from cepo_kernels import IGNORE_INDEX
+
+HEAD_FN_KWARG = "cepo_head_fn"
 
 
 def unwrap_peft(model):
@@ -43,16 +53,36 @@ def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return body, head
 
 
-def completion_hidden(body: torch.nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, num_completion: int) -> torch.Tensor:
-    """Hidden states [B, T, H] at the positions that predict the last T = num_completion
-    tokens of ``input_ids`` [B, S] (left-padded prompt + right-padded completion, as TRL
-    builds them). The body is called like the full model would be (ids and attention mask,
-    no cache), so the states equal those the LM head would see in ``model(...)``.
+def install_head_hook(model) -> None:
+    """Let ``model(..., cepo_head_fn=fn)`` return ``fn(last_hidden_state [B, S, H], lm_head)``.
+
+    The causal LM inside any PEFT wrapper gets a forward that, given ``cepo_head_fn``, runs
+    the decoder body only and hands its final hidden states and the LM head to ``fn``;
+    without it the previous forward runs unchanged (generation is untouched). Idempotent.
     """
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[:, -num_completion - 1:-1, :]
+    target = unwrap_peft(model)
+    if getattr(target, "_cepo_head_hook", False):
+        return
+    body, head = body_and_head(target)
+    previous = target.forward
+
+    @functools.wraps(type(target).forward)
+    def forward(self, *args, cepo_head_fn: Callable | None = None, **kwargs):
+        if cepo_head_fn is None:
+            return previous(*args, **kwargs)
+        out = body(*args, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return cepo_head_fn(hidden, head)
+
+    target.forward = types.MethodType(forward, target)
+    target._cepo_head_hook = True
+
+
+def run_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fn: Callable):
+    """``fn(hidden [B, S, H], lm_head)`` computed inside ``model``'s forward (see
+    install_head_hook), with the same inputs TRL's own forward gets (ids, mask, no cache)."""
+    kwargs = {HEAD_FN_KWARG: fn}
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
 
 def completion_targets(completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -60,8 +90,17 @@ def completion_targets(completion_ids: torch.Tensor, completion_mask: torch.Tens
     return completion_ids.long().masked_fill(completion_mask == 0, IGNORE_INDEX)
 
 
-def head_weight_for(hidden: torch.Tensor, head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden cast to the head's dtype, head weight [V, H]): the kernels want one dtype
-    (TRL's ``cast_lm_head_to_fp32`` keeps an fp32 head under a bf16 body)."""
+def completion_rows(hidden: torch.Tensor, head: torch.nn.Module, num_completion: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [B * T, H] that predict the last T = num_completion tokens, in the
+    head's dtype; the head weight [V, H]). TRL's batches are a left-padded prompt then a
+    right-padded completion, so these are positions S - T - 1 .. S - 2. The cast keeps one
+    dtype for the kernels (TRL's ``cast_lm_head_to_fp32`` keeps an fp32 head)."""
     weight = head.weight
-    return hidden.to(weight.dtype), weight
+    rows = hidden[:, -num_completion - 1:-1, :]
+    return rows.reshape(-1, rows.shape[-1]).to(weight.dtype), weight
+
+
+def no_autocast(device: torch.device):
+    """The fused kernels accumulate in fp32 themselves: keep autocast out of their matmuls."""
+    return torch.autocast(device_type=device.type, enabled=False)

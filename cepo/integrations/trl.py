@@ -45,8 +45,8 @@ import cepo_kernels as ck
 from cepo.contexts import ANSWER_ONLY_TEMPLATE
 from cepo.integrations.cepo_batch import (CEPOOptions, completion_text, hinted_trl_prompt,
                                           token_advantages, wrong_answers_per_rollout)
-from cepo.integrations.head import (body_and_head, completion_hidden, completion_targets,
-                                    head_weight_for)
+from cepo.integrations.head import (completion_rows, completion_targets,
+                                    install_head_hook, no_autocast, run_head)
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 VISION_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
@@ -112,7 +112,9 @@ class CEPOGRPOTrainer(GRPOTrainer):
                 raise ValueError(f"{name}: not supported by cepo's fused PPO loss{fix}")
         if getattr(self, "_is_vlm", False):
             raise ValueError(f"vision-language models are not supported by the TRL adapter{fix}")
-        body_and_head(self.accelerator.unwrap_model(self.model))  # raises for unfit heads
+        install_head_hook(self.model)  # raises ValueError for heads the kernels cannot reproduce
+        if self.ref_model is not None:
+            install_head_hook(self.ref_model)
 
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"
@@ -129,25 +131,34 @@ class CEPOGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                            batch_size=None, compute_entropy=False,
                                            compute_aux_loss=False, **vision):
-        """TRL's (log-probs [B, T], entropies [B, T] or None, None), through fused_logprobs."""
+        """TRL's (log-probs [B, T], entropies [B, T] or None, None), through fused_logprobs
+        inside the model's forward (install_head_hook)."""
         self._reject_vision(vision)
-        body, head = body_and_head(self.accelerator.unwrap_model(model))
+        self._install_head_hook(model)
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start:start + batch_size]
             attn = attention_mask[start:start + batch_size]
-            with self.accelerator.autocast():
-                hidden = completion_hidden(body, ids, attn, logits_to_keep)
-            hidden, weight = head_weight_for(hidden, head)
             targets = completion_targets(ids[:, -logits_to_keep:], attn[:, -logits_to_keep:])
-            out = ck.fused_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                    targets.reshape(-1), temperature=self.temperature,
-                                    return_entropy=compute_entropy, backend=self.kernels_backend)
+
+            def head_fn(hidden, head):
+                h, weight = completion_rows(hidden, head, logits_to_keep)
+                with no_autocast(h.device):
+                    return ck.fused_logprobs(h, weight, targets.reshape(-1),
+                                             temperature=self.temperature,
+                                             return_entropy=compute_entropy,
+                                             backend=self.kernels_backend)
+
+            with self.accelerator.autocast():
+                out = run_head(model, ids, attn, head_fn)
             logps.append(out.logprobs.view(ids.size(0), logits_to_keep))
             if compute_entropy:
                 entropies.append(out.entropy.view(ids.size(0), logits_to_keep))
         return (torch.cat(logps, 0), torch.cat(entropies, 0) if compute_entropy else None, None)
+
+    def _install_head_hook(self, model) -> None:
+        install_head_hook(self.accelerator.unwrap_model(model))
 
     # ---- loss ------------------------------------------------------------------------
 
@@ -178,11 +189,6 @@ class CEPOGRPOTrainer(GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         mode = self._mode()
 
-        body, head = body_and_head(self.accelerator.unwrap_model(model))
-        with self.accelerator.autocast():
-            hidden = completion_hidden(body, input_ids, attention_mask, length)
-        hidden, weight = head_weight_for(hidden, head)
-
         advantages = inputs["advantages"].float()
         if advantages.dim() == 1:
             advantages = advantages[:, None]
@@ -199,18 +205,26 @@ class CEPOGRPOTrainer(GRPOTrainer):
         # TRL's KL goes through it when that is what TRL computes, else through fused_logprobs
         fused_kl = ref is not None and self.loss_type != "grpo" and not self._bias_corrected_kl
         normalizer = self._loss_normalizer(inputs, mask, mode)
-        h2d = hidden.reshape(-1, hidden.shape[-1])
         targets = completion_targets(completion_ids, completion_mask).reshape(-1)
 
-        loss, stats = ck.fused_linear_ppo_loss(
-            h2d, weight, targets, None if old is None else old.float().reshape(-1),
-            advantages.contiguous().reshape(-1), mask.bool().reshape(-1),
-            clip_low=self.epsilon_low, clip_high=self.epsilon_high, temperature=self.temperature,
-            normalizer=normalizer, ref_logprobs=ref.float().reshape(-1) if fused_kl else None,
-            kl_coef=float(self.beta) if fused_kl else 0.0, return_entropy=True,
-            backend=self.kernels_backend)
-        if ref is not None and not fused_kl:
-            loss = loss + self._kl_loss(h2d, weight, targets, old, ref, mask, normalizer)
+        def head_fn(hidden, head):
+            h, weight = completion_rows(hidden, head, length)
+            with no_autocast(h.device):
+                loss, stats = ck.fused_linear_ppo_loss(
+                    h, weight, targets, None if old is None else old.float().reshape(-1),
+                    advantages.contiguous().reshape(-1), mask.bool().reshape(-1),
+                    clip_low=self.epsilon_low, clip_high=self.epsilon_high,
+                    temperature=self.temperature, normalizer=normalizer,
+                    ref_logprobs=ref.float().reshape(-1) if fused_kl else None,
+                    kl_coef=float(self.beta) if fused_kl else 0.0, return_entropy=True,
+                    backend=self.kernels_backend)
+                if ref is not None and not fused_kl:
+                    loss = loss + self._kl_loss(h, weight, targets, old, ref, mask, normalizer)
+            return loss, stats
+
+        self._install_head_hook(model)
+        with self.accelerator.autocast():
+            loss, stats = run_head(model, input_ids, attention_mask, head_fn)
         self._log_loss_metrics(mode, stats, inputs, mask, old, ref)
         return loss
 
@@ -326,17 +340,21 @@ class CEPOGRPOTrainer(GRPOTrainer):
     def _cepo_token_advantages(self, output, lam: float) -> torch.Tensor:
         """CEPO token advantages [B, T] for TRL's scored batch (its advantages are A)."""
         policy, pos, neg = self._cepo_teacher_contexts(output)
-        body, head = body_and_head(self.accelerator.unwrap_model(self.model))
-        pad_id = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") \
-            else getattr(self.processing_class.tokenizer, "pad_token_id", 0)
+        self._install_head_hook(self.model)
+        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(getattr(self.processing_class, "tokenizer", None), "pad_token_id", None)
+
+        def run(ids, attn, fn):
+            with self.accelerator.autocast():
+                return run_head(self.model, ids, attn, fn)
+
         adv, metrics = token_advantages(
-            body, head, policy_contexts=policy, pos_contexts=pos, neg_contexts=neg,
+            run, policy_contexts=policy, pos_contexts=pos, neg_contexts=neg,
             completion_ids=output["completion_ids"], completion_mask=output["completion_mask"],
             advantages=output["advantages"], lam=lam, eps_w=self.cepo.eps_w,
             temperature=self.temperature, pad_id=pad_id if pad_id is not None else 0,
-            batch_size=self.args.per_device_train_batch_size, autocast=self.accelerator.autocast,
-            backend=self.kernels_backend)
+            batch_size=self.args.per_device_train_batch_size, backend=self.kernels_backend)
         for name, value in metrics.items():
-            if name != "cepo/lambda":
-                self._metrics["train"][name].append(value)
+            self._metrics["train"][name].append(value)
         return adv

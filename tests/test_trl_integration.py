@@ -201,6 +201,35 @@ def test_lora_loss_and_gradients_equal_trl(tiny, tmp_path):
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("cast_head", [False, True], ids=["bf16-head", "fp32-head"])
+def test_bf16_model_matches_trl(tiny, tmp_path, cast_head):
+    """A bf16 policy, with and without TRL's cast_lm_head_to_fp32 (an fp32 head under a
+    bf16 body): same loss and gradients as TRL's own path to bf16 accuracy."""
+    model, tokenizer = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    kw = dict(loss_type="dapo", cast_lm_head_to_fp32=cast_head)
+    ours = _trainer(CEPOGRPOTrainer, copy.deepcopy(bf16), tokenizer, tmp_path / "a", **kw)
+    theirs = _trainer(GRPOTrainer, copy.deepcopy(bf16), tokenizer, tmp_path / "b", **kw)
+    assert ours.model.lm_head.weight.dtype == (torch.float32 if cast_head else torch.bfloat16)
+    batch, g = _batch(model.config.vocab_size, seed=4)
+    batch = _with_logps(batch, theirs, g)
+    batch.pop("ref_per_token_logps")
+    loss_a, grads_a, _ = _loss_and_grads(ours, batch)
+    loss_b, grads_b, _ = _loss_and_grads(theirs, batch)
+    # the same weights in fp32 through TRL: the fused path is as close to it as TRL's own
+    exact = _trainer(GRPOTrainer, copy.deepcopy(bf16).float(), tokenizer, tmp_path / "c", **kw)
+    loss_x, grads_x, _ = _loss_and_grads(exact, batch)
+    assert abs(loss_a - loss_x) <= 1.5 * abs(loss_b - loss_x) + 2e-3
+    assert grads_a.keys() == grads_b.keys() == grads_x.keys()
+
+    def error(grads):
+        return sum(float((grads[n].float() - grads_x[n]).norm() ** 2) for n in grads_x) ** 0.5
+
+    scale = sum(float(grads_x[n].norm() ** 2) for n in grads_x) ** 0.5
+    assert error(grads_a) <= 1.5 * error(grads_b) + 1e-3 * scale
+    assert error(grads_a) <= 3e-2 * scale
+
+
 def test_logprobs_and_entropies_equal_trl(tiny, tmp_path):
     model, tokenizer = tiny
     ours = _trainer(CEPOGRPOTrainer, copy.deepcopy(model), tokenizer, tmp_path / "a",

@@ -371,7 +371,7 @@ def test_loss_never_materialises_logits(tiny, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(config)
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 1 << 16)
-    monkeypatch.setattr(chunked, "MAX_VOCAB_TILE", 1000)
+    monkeypatch.setattr(chunked, "MAX_VOCAB_TILE", 1000, raising=False)  # older engines tile V too
     trainer = _trainer(CEPOGRPOTrainer, model, tokenizer, tmp_path, loss_type="dapo",
                        cepo={"kernels_backend": "torch"})
     batch, g = _batch(vocab, batch=8, prompt_len=8, length=64)

@@ -54,6 +54,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=48)
     parser.add_argument("--loss-type", default="dapo", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                        help="TRL samples for all of them at once (steps_per_generation)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=str(TINY_MODEL))
@@ -69,10 +71,11 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="trl_cepo_")
-    batch = args.prompts_per_step * args.num_generations
+    batch = args.prompts_per_step * args.num_generations // args.gradient_accumulation_steps
     config = GRPOConfig(
         output_dir=output_dir, max_steps=args.steps, learning_rate=args.lr, seed=args.seed,
         per_device_train_batch_size=batch, num_generations=args.num_generations,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_completion_length=args.max_completion_length, loss_type=args.loss_type,
         beta=0.0, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
         bf16=False, dataloader_num_workers=0, disable_tqdm=True)

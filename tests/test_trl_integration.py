@@ -391,12 +391,16 @@ def test_loss_never_materialises_logits(tiny, tmp_path, monkeypatch):
 
 # ---- the example ----------------------------------------------------------------------------
 
-def test_example_runs_two_steps(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_example_runs_two_steps(tmp_path, accumulation):
+    """The example end to end; with 2 accumulation steps TRL samples once for both and
+    splits the batch, [B, T] token advantages included."""
     spec = importlib.util.spec_from_file_location("trl_cepo_example", ROOT / "examples" / "trl_cepo.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     result = example.main(["--steps", "2", "--output-dir", str(tmp_path), "--prompts-per-step", "2",
-                           "--max-completion-length", "40"])
+                           "--max-completion-length", "40",
+                           "--gradient-accumulation-steps", str(accumulation)])
     assert result["steps"] == 2
     assert len(result["logs"]) == 2
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in result["logs"])

@@ -32,11 +32,13 @@ is exactly that (bnpo / dr_grpo / dapo without ``use_bias_correction_kl``), else
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Callable
 
 import torch
 
 try:
+    import trl
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError('cepo.integrations.trl needs TRL: pip install "cepo[trl]"') from e
@@ -49,6 +51,13 @@ from cepo.integrations.head import (completion_rows, completion_targets,
                                     install_head_hook, no_autocast, run_head)
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+TESTED_TRL = "1.16."
+"""The adapter overrides GRPOTrainer's private methods; it is tested against this series."""
+
+if not trl.__version__.startswith(TESTED_TRL):
+    warnings.warn(f"cepo.integrations.trl is tested with TRL {TESTED_TRL}x, found "
+                  f"{trl.__version__}: it overrides private GRPOTrainer methods, so check "
+                  f"tests/test_trl_integration.py passes", stacklevel=2)
 VISION_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
                "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
                "mm_token_type_ids", "image_position_ids")

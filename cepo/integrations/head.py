@@ -2,8 +2,9 @@
 a fused-head function on the body's hidden states *inside* the model's forward.
 
 Running inside ``model(...)`` matters: the call goes through whatever wraps the model
-(PEFT, DDP, FSDP, DeepSpeed), so parameters are gathered and gradients synchronised as
-for any forward; only the ``[tokens x vocab]`` logits are never built.
+(PEFT, DDP), so adapters apply and gradients are synchronised as for any forward; only
+the ``[tokens x vocab]`` logits are never built. The head weight is read directly (never
+through ``lm_head(...)``), so sharding that gathers it per module (ZeRO-3) is unsupported.
 """
 
 from __future__ import annotations

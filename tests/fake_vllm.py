@@ -18,10 +18,28 @@ a real tiny Hugging Face model (float32, CPU) with vLLM's documented behaviour, 
   Generating while either is asleep, or ``collective_rpc`` while the weights are,
   raises. Waking an awake part does nothing (vLLM warns).
 - ``collective_rpc(method, args=...)`` calls the method on a worker that has
-  ``worker_extension_cls`` mixed in; its ``model_runner.model.load_weights`` copies
-  Hugging Face-named tensors, raising KeyError on an unknown name and skipping
-  ``lm_head.*`` of a tied model, as vLLM's Llama / Qwen models do.
-- Touching ``LLM.llm_engine`` (gone from the V1 route, vLLM #16434) raises.
+  ``worker_extension_cls`` mixed in; its ``model_runner.get_model().load_weights``
+  copies Hugging Face-named tensors, raising ValueError on an unknown name (vLLM's
+  ``AutoWeightsLoader``) and skipping ``lm_head.*`` of a tied model.
+- ``LLM.generate(prompts, sampling_params)`` takes one SamplingParams for all prompts
+  or a list with one per prompt (ValueError on a length mismatch), as vLLM does.
+- What vLLM enforces at construction: ``distributed_executor_backend=
+  "external_launcher"`` asserts ``VLLM_ENABLE_V1_MULTIPROCESSING`` is off (vLLM's
+  default is on); construction is collective when torch.distributed is initialised
+  (every rank must build the engine, with the same model and tensor parallel size);
+  the worker reseeds the global Python / NumPy / torch RNGs with ``seed``.
+- Memory (``DEVICE``, a ``FakeDevice``): vLLM takes ``gpu_memory_utilization`` of the
+  device at start-up (ValueError when that much is not free, or when the weights leave
+  no room for a KV cache); ``sleep`` releases weights and KV cache; ``wake_up`` maps
+  them again and raises a CUDA out-of-memory RuntimeError when the free memory (total
+  minus vLLM's, minus what PyTorch has allocated AND what its caching allocator still
+  holds) is short. ``install`` routes ``torch.cuda.empty_cache`` to ``DEVICE``.
+- Prefix cache: ``generate`` caches each prompt with the weights' version; ``sleep``
+  resets it (``LLM.sleep`` calls ``reset_prefix_cache``), as does
+  ``reset_prefix_cache``; reusing a prefix computed with older weights raises (vLLM
+  would silently serve stale KV).
+- ``LLM.llm_engine`` exists (as in V1) but touching it is recorded
+  (``llm_engine_touched``): the engine must not reach into its internals.
 
 Every call on ``LLM`` is appended to ``LLM.calls`` (a per-instance list).
 """
@@ -30,6 +48,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import random
 import sys
 import types
 from dataclasses import dataclass, field
@@ -43,10 +63,68 @@ ENGINE_ARGS = {"tokenizer", "tensor_parallel_size", "distributed_executor_backen
                "max_model_len", "max_num_seqs", "enforce_eager", "generation_config"}
 
 
-def install(monkeypatch) -> types.ModuleType:
-    """Make ``import vllm`` return this module for the test."""
-    monkeypatch.setitem(sys.modules, "vllm", sys.modules[__name__])
-    return sys.modules[__name__]
+GiB = 2 ** 30
+
+
+class FakeDevice:
+    """One GPU's memory (bytes), shared by vLLM and PyTorch's caching allocator.
+
+    ``torch_alloc`` / ``torch_free`` model the trainer: freed blocks stay reserved by
+    PyTorch's cache (and are reused by later PyTorch allocations) until
+    ``empty_cache``; vLLM's sleep-mode allocator cannot reuse them.
+    """
+
+    def __init__(self, total: int = 80 * GiB):
+        self.total = total
+        self.torch_allocated = 0
+        self.torch_cached = 0
+        self.vllm: dict[str, int] = {}   # "weights" / "kv_cache" -> bytes mapped
+        self.empty_cache_calls = 0
+
+    def free(self) -> int:
+        return self.total - self.torch_allocated - self.torch_cached - sum(self.vllm.values())
+
+    def _oom(self, what: str, need: int):
+        return RuntimeError(f"CUDA out of memory: {what} needs {need / GiB:.2f} GiB, "
+                            f"{self.free() / GiB:.2f} GiB free ({self.torch_cached / GiB:.2f} "
+                            f"GiB held by PyTorch's cache)")
+
+    def torch_alloc(self, nbytes: int) -> None:
+        reuse = min(nbytes, self.torch_cached)
+        if nbytes - reuse > self.free():
+            raise self._oom("PyTorch allocation", nbytes)
+        self.torch_cached -= reuse
+        self.torch_allocated += nbytes
+
+    def torch_free(self, nbytes: int) -> None:
+        assert nbytes <= self.torch_allocated
+        self.torch_allocated -= nbytes
+        self.torch_cached += nbytes
+
+    def empty_cache(self) -> None:
+        self.empty_cache_calls += 1
+        self.torch_cached = 0
+
+    def vllm_map(self, tag: str, nbytes: int) -> None:
+        if nbytes > self.free():
+            raise self._oom(f"vLLM wake_up({tag!r})", nbytes)
+        self.vllm[tag] = nbytes
+
+    def vllm_unmap(self, tag: str) -> None:
+        self.vllm.pop(tag, None)
+
+
+DEVICE = FakeDevice()
+
+
+def install(monkeypatch, device: FakeDevice | None = None) -> types.ModuleType:
+    """Make ``import vllm`` return this module for the test, on a fresh ``DEVICE``
+    (``torch.cuda.empty_cache`` empties its PyTorch cache)."""
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "DEVICE", device or FakeDevice())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: module.DEVICE.empty_cache())
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
 
 
 @dataclass
@@ -138,17 +216,57 @@ class _Model(torch.nn.Module):
         for name, tensor in weights:
             if self.tied and name.startswith("lm_head."):
                 continue  # AutoWeightsLoader(skip_prefixes=["lm_head."]) when tied
-            param = params[name]  # KeyError on an unknown name
+            if name not in params:
+                raise ValueError(f"There is no module or parameter named {name!r} in "
+                                 f"{type(self.hf).__name__}")
+            param = params[name]
             assert param.shape == tensor.shape, \
                 f"Attempted to load weight ({tensor.shape}) into parameter ({param.shape})"
             param.copy_(tensor)
             loaded.add(name)
+        self.version += 1
         return loaded
+
+    version = 0  # bumped by every load_weights: what a cached prefix was computed with
+
+
+class _ModelRunner:
+    def __init__(self, model: _Model):
+        self.model = model
+
+    def get_model(self) -> _Model:
+        return self.model
 
 
 class _Worker:
     def __init__(self, model: _Model):
-        self.model_runner = types.SimpleNamespace(model=model)
+        self.model_runner = _ModelRunner(model)
+
+
+_DTYPES = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "half": torch.float16, "float32": torch.float32, "float": torch.float32}
+
+
+def _multiprocessing_on() -> bool:
+    return bool(int(os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")))
+
+
+def _collective_construction(model: str, kwargs: dict) -> None:
+    """What external_launcher does at start-up: join torchrun's process group (every
+    rank must construct, with the same model and tensor parallel size)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    tp = kwargs.get("tensor_parallel_size", 1)
+    if dist.get_world_size() % tp:
+        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of "
+                         f"tensor_parallel_size {tp}")
+    mine = (model, tp, kwargs.get("dtype"), kwargs.get("enable_sleep_mode"))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if any(other != mine for other in every):
+        raise AssertionError(f"ranks built different engines: {every}")
 
 
 def _resolve(qualname: str):
@@ -165,11 +283,40 @@ class LLM:
             raise TypeError(f"EngineArgs got unexpected keyword arguments {sorted(unknown)}")
         if kwargs.get("logprobs_mode", "raw_logprobs") != "processed_logprobs":
             raise NotImplementedError("fake vLLM: only logprobs_mode='processed_logprobs'")
+        if kwargs.get("distributed_executor_backend") == "external_launcher":
+            assert not _multiprocessing_on(), \
+                "VLLM_ENABLE_V1_MULTIPROCESSING=0 is required for external_launcher"
+        dtype = kwargs.get("dtype", "auto")
+        if dtype not in _DTYPES:
+            raise ValueError(f"Unknown dtype: {dtype}")
+        _collective_construction(model, kwargs)
         self.kwargs = kwargs
         self.calls: list[tuple] = [("init",)]
         self.llm_engine_touched = False
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
                                                   local_files_only=True).eval()
+        # memory: the budget is taken at start-up; the KV cache fills what the weights leave
+        budget = int(kwargs.get("gpu_memory_utilization", 0.9) * DEVICE.total)
+        if budget > DEVICE.free():
+            raise ValueError(f"Free memory on device ({DEVICE.free() / GiB:.2f}/"
+                             f"{DEVICE.total / GiB:.2f} GiB) on startup is less than desired "
+                             f"GPU memory utilization ({budget / GiB:.2f} GiB)")
+        weight_bytes = sum(p.numel() for p in hf.parameters()) * _DTYPES[dtype].itemsize
+        if budget - weight_bytes <= 0:
+            raise ValueError("No available memory for the cache blocks. Try increasing "
+                             "`gpu_memory_utilization` when initializing the engine.")
+        self.sizes = {"weights": weight_bytes, "kv_cache": budget - weight_bytes}
+        for tag, nbytes in self.sizes.items():
+            DEVICE.vllm_map(tag, nbytes)
+        self.prefix_cache: dict[tuple[int, ...], int] = {}  # prompt -> weights version
+        seed = kwargs.get("seed", 0)  # the worker's set_random_seed
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            import numpy
+            numpy.random.seed(seed)
+        except ImportError:
+            pass
         self._tokenizer = AutoTokenizer.from_pretrained(model)
         self._eos = self._tokenizer.eos_token_id  # vLLM's primary EOS: its tokenizer's
         gen_eos = GenerationConfig.from_pretrained(model).eos_token_id
@@ -184,8 +331,8 @@ class LLM:
 
     @property
     def llm_engine(self):
-        self.llm_engine_touched = True
-        raise AssertionError("LLM.llm_engine touched: the V1 route is collective_rpc (vLLM #16434)")
+        self.llm_engine_touched = True  # exists in V1; its internals are not an API
+        return types.SimpleNamespace(model_executor=None)
 
     @property
     def _hf(self):
@@ -197,6 +344,9 @@ class LLM:
         if level not in (1, 2):
             raise ValueError(f"sleep level {level}")
         self.calls.append(("sleep", level))
+        self.prefix_cache.clear()  # LLM.sleep resets the prefix cache first
+        for tag in self.awake:
+            DEVICE.vllm_unmap(tag)
         params = dict(self._hf.named_parameters())
         if level == 1:
             self._backup = {n: p.detach().clone() for n, p in params.items()}
@@ -212,6 +362,9 @@ class LLM:
         if not set(tags) <= set(self.awake):
             raise ValueError(f"unknown sleep tags {tags}")
         self.calls.append(("wake_up", tuple(tags)))
+        for tag in tags:
+            if not self.awake[tag]:
+                DEVICE.vllm_map(tag, self.sizes[tag])  # fresh memory: OOM when short
         if "weights" in tags and not self.awake["weights"] and self._backup is not None:
             with torch.no_grad():
                 for n, p in self._hf.named_parameters():
@@ -231,20 +384,32 @@ class LLM:
 
     def reset_prefix_cache(self, *args, **kwargs) -> bool:
         self.calls.append(("reset_prefix_cache",))
+        self.prefix_cache.clear()
         return True
 
     @torch.no_grad()
-    def generate(self, prompts, sampling_params: SamplingParams | None = None, use_tqdm=True):
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
         if not all(self.awake.values()):
             raise RuntimeError(f"generate while asleep: {self.awake}")
-        sp = sampling_params or SamplingParams()
-        self.calls.append(("generate", len(prompts), sp.n))
-        self.last_sampling_params = sp
+        sps = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(sps, (list, tuple)):
+            if len(sps) != len(prompts):
+                raise ValueError("The lengths of prompts and sampling_params must be the same.")
+        else:
+            sps = [sps] * len(prompts)
+        self.calls.append(("generate", len(prompts), tuple(sp.n for sp in sps)))
+        self.last_sampling_params = list(sps)
+        version = self.worker.model_runner.get_model().version
         out = []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, sp) in enumerate(zip(prompts, sps)):
             ids = [int(t) for t in prompt["prompt_token_ids"]]
             if len(ids) >= self.max_model_len:
                 raise ValueError(f"prompt of {len(ids)} tokens >= max_model_len")
+            cached = self.prefix_cache.get(tuple(ids))
+            if cached is not None and cached != version:
+                raise AssertionError("a prefix cached with older weights was reused: reset "
+                                     "the prefix cache after a weight update")
+            self.prefix_cache[tuple(ids)] = version
             out.append(RequestOutput(str(i), ids, [self._sample(ids, sp, k) for k in range(sp.n)]))
         return out
 

@@ -57,12 +57,12 @@ def test_logprobs_are_of_the_sampling_distribution(engine, top_k, top_p):
     params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, max_new_tokens=5, seed=3,
                             return_logprobs=True)
     for c in sampler.generate([prompt], 3, params)[0]:
-        scores = teacher_forced_logits(sampler.model, prompt, c.token_ids) / 0.7
+        scores = teacher_forced_logits(sampler.model, prompt, c.trained_ids) / 0.7
         if top_k:
             scores = TopKLogitsWarper(top_k)(None, scores)
         if top_p < 1:
             scores = TopPLogitsWarper(top_p)(None, scores)
-        want = scores.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        want = scores.log_softmax(-1).gather(1, torch.tensor(c.trained_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
 
 
@@ -71,9 +71,9 @@ def test_greedy_logprobs_are_raw(engine):
     [prompt] = prompt_ids(tok, "8-1")
     [[c]] = sampler.generate([prompt], 1, SamplingParams(temperature=0, max_new_tokens=4,
                                                          return_logprobs=True))
-    logits = teacher_forced_logits(sampler.model, prompt, c.token_ids)
-    assert c.token_ids == logits.argmax(-1).tolist()
-    want = logits.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    logits = teacher_forced_logits(sampler.model, prompt, c.trained_ids)
+    assert c.trained_ids == logits.argmax(-1).tolist()
+    want = logits.log_softmax(-1).gather(1, torch.tensor(c.trained_ids)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
 
 
@@ -125,8 +125,8 @@ def test_checkpoint_generation_config_does_not_leak(qwen_dir):
     group = eng.generate([prompt], 4, params)[0]
     assert len({tuple(c.token_ids) for c in group}) > 1  # really sampled, not top-1
     for c in group:
-        logits = teacher_forced_logits(eng.model, prompt, c.token_ids)
-        want = logits.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        logits = teacher_forced_logits(eng.model, prompt, c.trained_ids)
+        want = logits.log_softmax(-1).gather(1, torch.tensor(c.trained_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
 
 
@@ -140,7 +140,8 @@ def test_generation_config_eos_ids_also_stop(qwen_dir):
     assert eng.stop_ids == [tok.eos_token_id, seven]
     eng.update_weights(dominant_token_weights(source.state_dict(), seven))
     out = eng.generate(prompt_ids(tok, "1+1"), 2, SamplingParams(max_new_tokens=4, seed=0))
-    assert all(c.token_ids == [] and c.finish_reason == "stop" for c in out[0])
+    assert all(c.token_ids == [] and c.finish_reason == "stop" and c.stop_token_id == seven
+               for c in out[0])
 
 
 def test_update_weights_errors_name_every_problem(engine):

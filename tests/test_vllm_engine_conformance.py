@@ -134,9 +134,11 @@ def test_generation_config_eos_is_a_stop_id(make_engine, tmp_path):
     eng.update_weights(dominant_token_weights(state(path), seven))
     params = SamplingParams(max_new_tokens=4, seed=0, return_logprobs=True)
     out = eng.generate(prompts(tok, "1+1", "2"), 2, params)
-    assert all(c.token_ids == [] and c.finish_reason == "stop" and c.logprobs == []
+    assert all(c.token_ids == [] and c.finish_reason == "stop" and c.stop_token_id == seven
+               and len(c.logprobs) == 1 and c.logprobs[0] > -1e-3
                and c.text == "" for g in out for c in g)
-    assert set(eng.llm.last_sampling_params.stop_token_ids) == {tok.eos_token_id, seven}
+    assert all(set(sp.stop_token_ids) == {tok.eos_token_id, seven}
+               for sp in eng.llm.last_sampling_params)
 
 
 def test_stop_cut_mid_completion_keeps_logprobs_aligned(make_engine, qwen_dir):
@@ -151,7 +153,8 @@ def test_stop_cut_mid_completion_keeps_logprobs_aligned(make_engine, qwen_dir):
     eng.stop_ids = eng.stop_ids + [third]
     [[cut]] = eng.generate([prompt], 1, params)
     assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[:first]
-    assert cut.logprobs == pytest.approx(full.logprobs[:first])
+    assert cut.stop_token_id == third
+    assert cut.logprobs == pytest.approx(full.logprobs[:first + 1])  # the stop token's last
 
 
 def test_logprobs_are_of_the_processed_distribution(make_engine, qwen_dir):
@@ -174,7 +177,7 @@ def test_greedy_sends_one_unseeded_sample(make_engine, qwen_dir):
     eng = make_engine(qwen_dir)
     out = eng.generate(prompts(eng.tokenizer, "5"), 3,
                        SamplingParams(temperature=0, top_k=5, top_p=0.5, seed=9, max_new_tokens=3))
-    sp = eng.llm.last_sampling_params
+    [sp] = eng.llm.last_sampling_params
     assert (sp.n, sp.seed, sp.temperature, sp.top_k, sp.top_p) == (1, None, 0.0, 0, 1.0)
     assert len(out[0]) == 3 and out[0][0] is not out[0][1]
     assert out[0][0].token_ids == out[0][1].token_ids == out[0][2].token_ids

@@ -76,7 +76,7 @@ def test_sync_then_generate_order(engine, model_dir):
     assert llm.awake == {"weights": False, "kv_cache": False}
     engine.generate([render_prompt(tok, "4")], 1, SamplingParams(temperature=0, max_new_tokens=2))
     assert names(llm)[9:] == ["wake_up", "wake_up", "generate", "sleep"]  # no reset: no sync
-    assert llm.last_sampling_params.n == 1
+    assert [sp.n for sp in llm.last_sampling_params] == [1]
 
 
 def test_generate_without_sync_wakes_and_sleeps(engine):

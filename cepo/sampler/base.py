@@ -9,6 +9,7 @@ the other way as (Hugging Face parameter name, full tensor) pairs, the format bo
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -24,9 +25,10 @@ class SamplingParams:
     temperature: 0 means greedy decoding (top_p / top_k / seed are then irrelevant).
     top_p: nucleus sampling mass in (0, 1]; 1 is off. top_k: 0 is off.
     max_new_tokens: the response budget; a response that reaches it without EOS
-    finishes with reason "length". seed: the same seed reproduces the same samples for
-    the same call (same prompts, n and engine settings); None draws from the engine's
-    own random state. return_logprobs: fill ``Completion.logprobs``.
+    finishes with reason "length". seed: used only when ``generate`` gets no per-prompt
+    ``seeds``: the same seed reproduces the same samples for the same call (same prompts
+    in the same order, n and engine settings); None draws from the engine's own random
+    state. return_logprobs: fill ``Completion.logprobs``.
     """
 
     temperature: float = 1.0
@@ -59,13 +61,20 @@ class Completion:
     """One sampled response.
 
     prompt_index: position of its prompt in the ``generate`` call.
-    token_ids: the response tokens, without the prompt, cut before the first EOS (the
-    EOS itself is not included; the trainer appends it back for "stop" completions).
+    token_ids: the response tokens, without the prompt, cut before the first stop token
+    (the stop token itself is not included; it is ``stop_token_id``).
     text: ``token_ids`` decoded with ``skip_special_tokens=True``.
-    finish_reason: "stop" (an EOS was produced) or "length" (max_new_tokens reached
-    without EOS; then ``len(token_ids) == max_new_tokens``).
-    logprobs: when asked, one float per token of ``token_ids``: the log-probability of
-    the sampled token under the distribution it was actually drawn from, i.e.
+    finish_reason: "stop" (a stop token was produced) or "length" (max_new_tokens
+    reached without one; then ``len(token_ids) == max_new_tokens``).
+    stop_token_id: the stop token the engine actually emitted (one of the engine's
+    ``stop_ids``: the tokenizer's EOS or another EOS id of the generation config) when
+    finish_reason is "stop"; None for "length". The response as trained is
+    ``token_ids + [stop_token_id]`` for "stop", ``token_ids`` for "length"
+    (``trained_ids``).
+    logprobs: when asked, one float per token of the response as trained:
+    ``len(logprobs) == len(token_ids) + (finish_reason == "stop")``, the last one being
+    the stop token's. Each is the log-probability of the sampled token under the
+    distribution it was actually drawn from, i.e.
     ``log_softmax(logits / temperature)`` after top-k / top-p truncation (renormalised
     over the kept tokens; vLLM's ``logprobs_mode="processed_logprobs"``). With
     top_p = 1 and top_k = 0 this is exactly ``log_softmax(logits / T)[token]``, what the
@@ -78,6 +87,12 @@ class Completion:
     text: str
     finish_reason: str
     logprobs: list[float] | None = None
+    stop_token_id: int | None = None
+
+    @property
+    def trained_ids(self) -> list[int]:
+        """The response as trained: ``token_ids`` plus the emitted stop token for "stop"."""
+        return self.token_ids + ([self.stop_token_id] if self.stop_token_id is not None else [])
 
 
 class Sampler(abc.ABC):
@@ -88,11 +103,16 @@ class Sampler(abc.ABC):
     """
 
     @abc.abstractmethod
-    def generate(self, prompt_token_ids: list[list[int]], n: int,
-                 params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompt_token_ids: list[list[int]], n: int, params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
         """Sample ``n`` completions for each prompt (token ids, no padding).
 
         Returns one list per prompt, in prompt order, each holding ``n`` Completions.
+        seeds: one int per prompt. Prompt p's samples then depend only on its token ids,
+        ``seeds[p]``, n, params and the weights: not on the other prompts of the call,
+        their order or how the engine batches rows (so one call per training step gives
+        rank-invariant, resumable rollouts). ``params.seed`` is then unused. Without
+        seeds, ``params.seed`` seeds the whole call (see ``SamplingParams``).
         """
 
     @abc.abstractmethod
@@ -111,6 +131,43 @@ class Sampler(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_generate_args(prompt_token_ids, n: int, seeds) -> None:
+    """The ValueError for bad ``generate`` arguments, naming the field and the fix."""
+    if n < 1:
+        raise ValueError(f"generate: n must be >= 1, got {n}")
+    for i, ids in enumerate(prompt_token_ids):
+        if len(ids) == 0:
+            raise ValueError(f"generate: prompt_token_ids[{i}] is empty; render the prompt "
+                             f"(cepo.contexts.render_prompt) before sampling")
+    if seeds is not None:
+        if len(seeds) != len(prompt_token_ids):
+            raise ValueError(f"generate: seeds must hold one int per prompt, got {len(seeds)} "
+                             f"seeds for {len(prompt_token_ids)} prompts")
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)]
+        if bad:
+            raise ValueError(f"generate: seeds must be Python ints, got {bad[:3]}")
+
+
+def mix_seed(*values: int) -> int:
+    """A 62-bit integer that is a pure function of ``values`` (any Python ints, negative
+    or large): the per-request seed both engines derive from a prompt's seed, the same
+    on every machine and Python version (blake2b, not ``hash``). 62 bits leave room for
+    vLLM's ``seed + sample_index`` without overflowing int64."""
+    data = b"".join(int(v).to_bytes(16, "little", signed=True) for v in values)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
+
+
+def prompt_seeds(n_prompts: int, params: SamplingParams,
+                 seeds: list[int] | None) -> list[int] | None:
+    """Per-prompt seeds for a call: ``seeds`` as given; else derived from ``params.seed``
+    and the prompt's position in the call; else None (the engine's own random state)."""
+    if seeds is not None:
+        return [int(s) for s in seeds]
+    if params.seed is None:
+        return None
+    return [mix_seed(params.seed, p) for p in range(n_prompts)]
 
 
 def as_id_list(value) -> list[int]:

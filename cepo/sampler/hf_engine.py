@@ -2,10 +2,11 @@
 
 Sampling is controlled entirely here, not by the checkpoint's ``generation_config.json``
 (whose top_k / repetition_penalty defaults would otherwise leak in silently): the model
-copy gets a blank generation config, and temperature / top-k / top-p are applied by
-warpers this module passes in, followed by a recorder that reads the log-probabilities
-of the sampled tokens from the very scores they were drawn from, one step at a time
-(no [batch, steps, vocab] score tensor is kept).
+copy gets a blank generation config, temperature / top-k / top-p are applied by warpers
+this module passes in, and the last logits processor draws each row's token with
+counter-based randomness of its own (per prompt seed, sample index and step), records
+its log-probability from the very distribution it was drawn from (no [batch, steps,
+vocab] score tensor is kept) and forces it, so ``generate`` runs greedy.
 """
 
 from __future__ import annotations
@@ -16,41 +17,68 @@ from typing import Iterable
 
 import torch
 
-from cepo.sampler.base import (Completion, Sampler, SamplingParams, stop_token_ids,
-                               weight_update_error)
+from cepo.sampler.base import (Completion, Sampler, SamplingParams, check_generate_args,
+                               mix_seed, prompt_seeds, stop_token_ids, weight_update_error)
 
 
-class _LogprobRecorder:
-    """Last logits processor: keeps log_softmax of the final scores of the previous step
-    and, at the next step (or at the end), gathers the token that was sampled from it."""
+def row_uniform(row_key: int, step: int) -> float:
+    """A uniform number in (0, 1) that is a pure function of (row_key, step): 53 bits of
+    ``mix_seed(row_key, step)``. Counter-based, so a row's draws do not depend on which
+    other rows share its batch, nor on the device."""
+    return ((mix_seed(row_key, step) >> 9) + 0.5) / float(1 << 53)
 
-    def __init__(self):
-        self.prev: torch.Tensor | None = None      # [B, V] log-probs of the pending step
-        self.steps: list[torch.Tensor] = []        # each [B]
 
-    def _take(self, tokens: torch.Tensor) -> None:
-        self.steps.append(self.prev.gather(1, tokens[:, None].to(self.prev.device))[:, 0].cpu())
-        self.prev = None
+class _RowSampler:
+    """Last logits processor: draws every row's next token itself and forces it.
+
+    The scores it gets are the processed ones (temperature, top-k, top-p applied by the
+    warpers before it). Sampling: inverse CDF of ``exp(log_softmax(scores))`` (float64)
+    at ``row_uniform(row_keys[b], step)``, so a row's samples depend only on its key and
+    its own logits. Greedy (``row_keys`` None): argmax of the scores. The chosen token's
+    log-probability under that very distribution is recorded (when asked), and the
+    returned scores are -inf except at the chosen token, so that ``generate``'s greedy
+    pick returns exactly it.
+    """
+
+    def __init__(self, row_keys: list[int] | None, record: bool):
+        self.row_keys = row_keys
+        self.record = record
+        self.step = 0
+        self.logprobs: list[torch.Tensor] = []     # per step, [B] float32 on the CPU
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.prev is not None:
-            self._take(input_ids[:, -1])
-        self.prev = scores.float().log_softmax(-1)
-        return scores
+        logp = scores.float().log_softmax(-1)      # [B, V]
+        if self.row_keys is None:
+            tokens = scores.argmax(-1)
+        else:
+            u = torch.tensor([row_uniform(k, self.step) for k in self.row_keys],
+                             dtype=torch.float64, device=scores.device)
+            cdf = logp.double().exp().cumsum(-1)   # [B, V]; rows sum to 1 up to rounding
+            tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0]
+            tokens = tokens.clamp_(max=scores.shape[-1] - 1)
+        if self.record:
+            self.logprobs.append(logp.gather(1, tokens[:, None])[:, 0].cpu())
+        self.step += 1
+        return torch.full_like(scores, -float("inf")).scatter_(1, tokens[:, None], 0.0)
 
-    def result(self, new_tokens: torch.Tensor) -> torch.Tensor:
-        """[B, steps] log-probs of ``new_tokens`` [B, steps] (the generated part)."""
-        if self.prev is not None:
-            self._take(new_tokens[:, -1])
-        if len(self.steps) != new_tokens.shape[1]:
-            raise RuntimeError(f"HFEngine: recorded {len(self.steps)} sampling steps for "
-                               f"{new_tokens.shape[1]} generated tokens")
-        return torch.stack(self.steps, 1) if self.steps else torch.zeros(new_tokens.shape)
-
+    def result(self, n_new: int) -> torch.Tensor:
+        """[B, n_new] recorded log-probs of the generated tokens."""
+        if len(self.logprobs) != n_new:
+            raise RuntimeError(f"HFEngine: recorded {len(self.logprobs)} sampling steps for "
+                               f"{n_new} generated tokens")
+        return torch.stack(self.logprobs, 1)
 
 
 class HFEngine(Sampler):
     """Holds its own copy of the model (as vLLM would), in eval mode, on ``device``.
+
+    Sampling is done by this engine, not by ``generate``'s sampler: the last logits
+    processor draws each row's token from a uniform number that is a pure function of
+    (the prompt's seed, the sample index, the decoding step) and forces it (see
+    ``_RowSampler``). A prompt's samples therefore do not depend on the other prompts of
+    the call, their order or ``max_batch_size``, up to floating-point differences of the
+    logits between batch shapes (which flip a token only when its uniform falls within
+    rounding of a CDF boundary; the tests see identical tokens in fp32 on CPU).
 
     model: a local Hugging Face model directory (loaded with ``local_files_only``) or a
     ``PreTrainedModel`` whose config and weights are copied (DTensor weights are
@@ -145,43 +173,46 @@ class HFEngine(Sampler):
             raise error
 
     @torch.no_grad()
-    def generate(self, prompt_token_ids: list[list[int]], n: int,
-                 params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompt_token_ids: list[list[int]], n: int, params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
         """``n`` completions per prompt ([P][n]); see ``Sampler.generate``.
 
-        Rows (prompt x sample) go through ``model.generate`` in micro-batches of
-        ``max_batch_size``, left-padded. A seed makes the call reproducible (for the same
-        prompts, n and max_batch_size) without touching the caller's global RNG state.
+        One batched generation over every (prompt, sample) row, in micro-batches of at
+        most ``max_batch_size`` rows (left-padded; rows sorted by prompt length so a
+        micro-batch holds similar lengths). Row (p, j) samples with the key
+        ``mix_seed(seeds[p], j)``; without ``seeds`` the per-prompt seeds come from
+        ``params.seed`` and the prompt's position, or, when that is None too, from one
+        draw of torch's global RNG (the only use of it: a seeded call leaves it alone).
         Greedy decoding generates each prompt once and copies it n times.
         """
-        if n < 1:
-            raise ValueError(f"generate: n must be >= 1, got {n}")
-        for i, ids in enumerate(prompt_token_ids):
-            if len(ids) == 0:
-                raise ValueError(f"generate: prompt_token_ids[{i}] is empty; render the prompt "
-                                 f"(cepo.contexts.render_prompt) before sampling")
+        check_generate_args(prompt_token_ids, n, seeds)
+        if not prompt_token_ids:
+            return []
         copies = 1 if params.greedy else n
-        jobs = [p for p in range(len(prompt_token_ids)) for _ in range(copies)]
-        results: list[list[Completion]] = [[] for _ in prompt_token_ids]
-        devices = []
-        if self.device.type == "cuda":
-            devices = [self.device.index if self.device.index is not None
-                       else torch.cuda.current_device()]
-        with torch.random.fork_rng(devices=devices, enabled=params.seed is not None):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            for start in range(0, len(jobs), self.max_batch_size):
-                chunk = jobs[start:start + self.max_batch_size]
-                batch = self._generate_batch([list(prompt_token_ids[p]) for p in chunk], params)
-                for p, comp in zip(chunk, batch):
-                    comp.prompt_index = p
-                    results[p].append(comp)
+        per_prompt = None
+        if not params.greedy:
+            per_prompt = prompt_seeds(len(prompt_token_ids), params, seeds)
+            if per_prompt is None:
+                base = int(torch.randint(0, 2 ** 62, (1,)).item())
+                per_prompt = [mix_seed(base, p) for p in range(len(prompt_token_ids))]
+        rows = sorted(((p, j) for p in range(len(prompt_token_ids)) for j in range(copies)),
+                      key=lambda r: -len(prompt_token_ids[r[0]]))
+        results: list[list[Completion | None]] = [[None] * copies for _ in prompt_token_ids]
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            keys = None if per_prompt is None else [mix_seed(per_prompt[p], j) for p, j in chunk]
+            batch = self._generate_batch([list(prompt_token_ids[p]) for p, _ in chunk], keys,
+                                         params)
+            for (p, j), comp in zip(chunk, batch):
+                comp.prompt_index = p
+                results[p][j] = comp
         if copies == 1 and n > 1:
             results = [[group[0]] + [copy.deepcopy(group[0]) for _ in range(n - 1)]
                        for group in results]
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, prompts: list[list[int]], row_keys: list[int] | None,
+                        params: SamplingParams) -> list[Completion]:
         from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper,
                                   TopKLogitsWarper, TopPLogitsWarper)
 
@@ -191,13 +222,11 @@ class HFEngine(Sampler):
         for i, p in enumerate(prompts):  # left padding
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
-        # knobs explicit: a None would be filled from defaults (e.g. top_k=50); HF's own
-        # warpers stay off (T=1, top_k=0, top_p=1), this module's are passed in below
-        knobs = dict(temperature=1.0, top_k=0, top_p=1.0) if not params.greedy else {}
+        # generate's own pick is greedy: _RowSampler, last, has already chosen the token
         config = GenerationConfig(
-            do_sample=not params.greedy, max_new_tokens=params.max_new_tokens, min_new_tokens=0,
+            do_sample=False, max_new_tokens=params.max_new_tokens, min_new_tokens=0,
             repetition_penalty=1.0, num_beams=1, eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id, return_dict_in_generate=True, **knobs)
+            pad_token_id=self.pad_id, return_dict_in_generate=True)
         processors = LogitsProcessorList()
         if not params.greedy:  # HF's own order: temperature, top-k, top-p
             if params.temperature != 1.0:
@@ -206,15 +235,13 @@ class HFEngine(Sampler):
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
-        recorder = _LogprobRecorder() if params.return_logprobs else None
-        if recorder is not None:
-            processors.append(recorder)
+        sampler = _RowSampler(row_keys, record=params.return_logprobs)
+        processors.append(sampler)
         out = self.model.generate(input_ids=ids.to(self.device),
                                   attention_mask=mask.to(self.device),
                                   generation_config=config, logits_processor=processors)
-        new = out.sequences[:, width:]
-        logprobs = recorder.result(new) if recorder is not None else None
-        new = new.cpu()
+        new = out.sequences[:, width:].cpu()
+        logprobs = sampler.result(new.shape[1]) if params.return_logprobs else None
         stop = set(self.stop_ids)
         completions = []
         for i in range(len(prompts)):
@@ -222,10 +249,12 @@ class HFEngine(Sampler):
             cut = next((j for j, t in enumerate(row) if t in stop), None)
             reason = "length" if cut is None else "stop"
             tokens = row if cut is None else row[:cut]
+            trained = len(tokens) + (cut is not None)
             completions.append(Completion(
                 prompt_index=-1, token_ids=tokens, finish_reason=reason,
                 text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                logprobs=logprobs[i, :len(tokens)].tolist() if logprobs is not None else None))
+                logprobs=logprobs[i, :trained].tolist() if logprobs is not None else None,
+                stop_token_id=None if cut is None else row[cut]))
         return completions
 
     def close(self) -> None:

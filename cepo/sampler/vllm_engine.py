@@ -1,13 +1,20 @@
 """The colocated vLLM engine: one engine per training rank, sharing the GPU with training.
 
-Life of a step (``generate``): wake the weights, stream the new weights in, reset the
-prefix cache, wake the KV cache, generate, sleep (level 1 by default) so the memory is
-free for the update. The order avoids two bugs seen in peers: weights written before
-the engine wakes are lost (TRL #5142), and a wake-up that restores weights after a sync
-overwrites the fresh ones (TRL #5312) — here weights are only written after waking them
-and nothing restores them afterwards. Weights go in through ``collective_rpc`` into a
-worker extension (``WeightSyncExtension``), the supported route in vLLM V1, never
-through ``llm_engine.model_executor`` (removed in V1, vLLM #16434).
+Life of a step: ``update_weights`` wakes the weights (once) and streams the new weights
+in; ``generate`` resets the prefix cache, wakes the KV cache, runs ONE ``llm.generate``
+for all prompts of the step (one request per prompt, each with its own seed), and
+sleeps (level 1 by default) so the memory is free for the update: one wake of each
+kind and one sleep per step. Before every wake-up PyTorch's CUDA cache is emptied:
+vLLM maps fresh physical memory on wake-up and cannot reuse blocks that PyTorch's
+caching allocator still holds from the update (TRL does the same). The order avoids two
+bugs seen in peers: weights written before the engine wakes are lost (TRL #5142), and a
+wake-up that restores weights after a sync overwrites the fresh ones (TRL #5312) — here
+weights are only written after waking them and nothing restores them afterwards.
+Weights go in through ``collective_rpc`` into a worker extension
+(``WeightSyncExtension``), which reaches the model through
+``model_runner.get_model()``. ``collective_rpc`` is the public route that works with
+and without V1 multiprocessing; ``LLM.llm_engine`` exists in V1 too, but its
+``model_executor`` is an in-process-only internal (vLLM #16434), so it is not used.
 
 What vLLM does not check is checked here, on the driver, before anything is sent:
 parameter names and shapes come from the checkpoint's safetensors headers (vLLM's
@@ -30,15 +37,41 @@ from typing import Iterable
 
 import torch
 
-from cepo.sampler.base import (Completion, Sampler, SamplingParams, stop_token_ids,
-                               weight_update_error)
+from cepo.sampler.base import (Completion, Sampler, SamplingParams, check_generate_args,
+                               mix_seed, prompt_seeds, stop_token_ids, weight_update_error)
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.35
+"""The fraction of the GPU's total memory vLLM takes while awake (weights + KV cache).
+
+vLLM checks at start-up that this much is free and sizes its KV cache to fill it; the
+engine is built before the trainer's optimizer state exists, but wakes up next to it on
+every step. So this must leave room for what training keeps across the sampler's turn:
+the (sharded) policy, its gradients and AdamW's two fp32 moments, about 16 bytes per
+parameter per rank for full fine-tuning (FSDP shards divide that by the world size),
+plus the reference model when the KL term is on. 0.35 fits a ~1.5B-parameter full
+fine-tune on an 80 GB GPU; lower it for bigger models (the KV cache shrinks; vLLM
+fails at start-up when not even the weights fit), raise it for LoRA."""
+
+_VLLM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def vllm_dtype(dtype) -> str:
+    """vLLM's name for the sampler's compute dtype (a torch.dtype or its name)."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in _VLLM_DTYPES.values():
+            return name
+    elif dtype in _VLLM_DTYPES:
+        return _VLLM_DTYPES[dtype]
+    raise ValueError(f"VLLMEngine: dtype must be bfloat16, float16 or float32 (the trainer's "
+                     f"compute dtype), got {dtype!r}")
 
 
 class WeightSyncExtension:
     """Mixed into vLLM's GPU worker (``worker_extension_cls``): loads (name, tensor) pairs."""
 
     def cepo_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        model = self.model_runner.model
+        model = self.model_runner.get_model()
         device = next(model.parameters()).device
         model.load_weights(weights=[(n, t.to(device, non_blocking=True)) for n, t in weights])
         return len(weights)
@@ -98,18 +131,37 @@ class VLLMEngine(Sampler):
     """vLLM with ``distributed_executor_backend="external_launcher"`` and sleep mode.
 
     Every training rank builds its own engine (tensor parallel 1 by default) seeded by
-    rank; ``update_weights`` buffers nothing: each bucket is loaded as it arrives, after
-    the weights have been woken.
+    rank; construction is collective (with ``external_launcher`` vLLM joins the
+    torchrun process group), so every rank must build it at the same point.
+    ``update_weights`` buffers nothing: each bucket is loaded as it arrives, after the
+    weights have been woken.
+
+    Build it BEFORE restoring the RNG state of a resumed run: vLLM's worker reseeds the
+    global Python / NumPy / torch RNGs with ``seed + rank`` at start-up, which would
+    overwrite a state that ``load_checkpoint`` restored (or restore the RNG state again
+    after building it).
 
     model_path: a local Hugging Face checkpoint directory (safetensors). Its headers give
     the names and shapes ``update_weights`` accepts; its ``generation_config.json`` adds
     stop ids. sleep_level: 1 keeps a CPU copy of the weights while asleep; 2 discards
     them, so every ``generate`` must be preceded by a full ``update_weights``.
+    gpu_memory_utilization: see ``DEFAULT_GPU_MEMORY_UTILIZATION``. dtype: the compute
+    dtype of vLLM's copy (torch.dtype or name; follow the trainer's compute dtype so the
+    sampler's log-probs match the trainer's).
     """
 
     def __init__(self, model_path: str, *, tokenizer, seed: int = 0, rank: int = 0,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.35,
-                 max_model_len: int | None = None, sleep_level: int = 1, dtype: str = "bfloat16"):
+                 tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+                 max_model_len: int | None = None, sleep_level: int = 1,
+                 dtype: torch.dtype | str = torch.bfloat16):
+        if not 0 < gpu_memory_utilization < 1:
+            raise ValueError(f"VLLMEngine: gpu_memory_utilization must be in (0, 1), got "
+                             f"{gpu_memory_utilization}")
+        dtype = vllm_dtype(dtype)
+        # the engine must run in this process (external_launcher asserts it); an
+        # inherited "1" would break that, so this is set, not defaulted, before import
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             import vllm
         except ImportError as e:
@@ -131,7 +183,6 @@ class VLLMEngine(Sampler):
         if not self.stop_ids:
             raise ValueError("VLLMEngine: the tokenizer has no eos_token_id and the model's "
                              "generation config names none; set tokenizer.eos_token")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
         kwargs = dict(model=str(model_path), tensor_parallel_size=tensor_parallel_size,
                       distributed_executor_backend="external_launcher", enable_sleep_mode=True,
                       seed=seed + rank, gpu_memory_utilization=gpu_memory_utilization,
@@ -146,9 +197,15 @@ class VLLMEngine(Sampler):
         self._synced = False
         self._loaded: set[str] = set()  # names loaded since the last sleep (for level 2)
 
+    def _wake(self, tag: str) -> None:
+        # vLLM maps fresh memory on wake-up; blocks PyTorch's caching allocator still
+        # holds from the update cannot be reused by it: hand them back to the driver
+        torch.cuda.empty_cache()
+        self.llm.wake_up(tags=[tag])
+
     def _wake_weights(self) -> None:
         if not self._weights_awake:
-            self.llm.wake_up(tags=["weights"])
+            self._wake("weights")
             self._weights_awake = True
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -183,32 +240,38 @@ class VLLMEngine(Sampler):
         self._synced = True
         self._loaded.update(n for n, _ in batch)
 
-    def _sampling_params(self, n: int, params: SamplingParams):
-        """vLLM's SamplingParams. Greedy asks for one sample (vLLM rejects n > 1 at
-        temperature 0; ``generate`` copies it) and no seed; top_k -1 is "off" in every
-        vLLM version (newer ones also take 0)."""
+    def _sampling_params(self, n: int, params: SamplingParams, seed: int | None):
+        """vLLM's SamplingParams for one prompt. Greedy asks for one sample (vLLM rejects
+        n > 1 at temperature 0; ``generate`` copies it) and no seed; top_k -1 is "off" in
+        every vLLM version (newer ones also take 0). With a seed, vLLM gives sample j of
+        the request the seed ``seed + j`` (``ParentRequest``), so a request's samples
+        depend on its own seed only."""
         greedy = params.greedy
         return self._vllm.SamplingParams(
             n=1 if greedy else n, temperature=0.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p,
             top_k=params.top_k if params.top_k > 0 and not greedy else -1,
-            max_tokens=params.max_new_tokens, seed=None if greedy else params.seed,
+            max_tokens=params.max_new_tokens, seed=None if greedy else seed,
             logprobs=0 if params.return_logprobs else None, stop_token_ids=list(self.stop_ids))
 
-    def generate(self, prompt_token_ids, n, params: SamplingParams):
+    def generate(self, prompt_token_ids, n, params: SamplingParams, seeds=None):
         """``n`` completions per prompt ([P][n]); see ``Sampler.generate``.
 
-        Completions are cut before the first stop id (finish_reason "stop"); vLLM's
-        ``token_ids`` include the stop token, its logprob is dropped with it. A
-        completion that neither stopped nor reached max_new_tokens (prompt + response
-        hit max_model_len) raises RuntimeError rather than break the "length" contract.
+        One ``llm.generate`` call for all prompts, one request per prompt with its own
+        ``SamplingParams``: n samples and the seed ``mix_seed(seeds[p])`` (vLLM seeds
+        sample j with that + j, from a per-request generator, so the draws do not depend
+        on the other requests; the logits can still differ in the last bits with the
+        batch vLLM forms, unless vLLM's batch-invariant mode is on). Without ``seeds``,
+        per-prompt seeds come from ``params.seed`` and the prompt's position, or, when
+        that is None too, from vLLM's own random state.
+
+        Completions are cut before the first stop id (finish_reason "stop", the id in
+        ``stop_token_id`` and its logprob last); vLLM's ``token_ids`` include the stop
+        token. A completion that neither stopped nor reached max_new_tokens (prompt +
+        response hit max_model_len) raises RuntimeError rather than break the "length"
+        contract.
         """
-        if n < 1:
-            raise ValueError(f"generate: n must be >= 1, got {n}")
-        for i, ids in enumerate(prompt_token_ids):
-            if len(ids) == 0:
-                raise ValueError(f"generate: prompt_token_ids[{i}] is empty; render the prompt "
-                                 f"(cepo.contexts.render_prompt) before sampling")
+        check_generate_args(prompt_token_ids, n, seeds)
         if not prompt_token_ids:
             return []
         if self.sleep_level == 2:
@@ -219,15 +282,18 @@ class VLLMEngine(Sampler):
                                    f"{len(missing)} parameters (e.g. {sorted(missing)[0]!r}) "
                                    f"were not loaded since; update_weights with all of them "
                                    f"before each generate")
-        sp = self._sampling_params(n, params)
+        per_prompt = prompt_seeds(len(prompt_token_ids), params, seeds)
+        sps = [self._sampling_params(n, params, None if per_prompt is None
+                                     else mix_seed(per_prompt[p]))
+               for p in range(len(prompt_token_ids))]
         self._wake_weights()
         if self._synced:
             self.llm.reset_prefix_cache()  # cached prefixes were computed with old weights
             self._synced = False
-        self.llm.wake_up(tags=["kv_cache"])
+        self._wake("kv_cache")
         try:
             requests = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
-            outputs = self.llm.generate(requests, sp, use_tqdm=False)
+            outputs = self.llm.generate(requests, sps, use_tqdm=False)
         finally:
             self.llm.sleep(level=self.sleep_level)
             self._weights_awake = False
@@ -237,10 +303,11 @@ class VLLMEngine(Sampler):
                                f"{len(prompt_token_ids)} prompts")
         results = []
         for p, out in enumerate(outputs):
-            group = [self._completion(p, c, params) for c in out.outputs]
-            if len(group) != sp.n:
+            group = [self._completion(p, c, params) for c in
+                     sorted(out.outputs, key=lambda c: c.index)]
+            if len(group) != sps[p].n:
                 raise RuntimeError(f"vLLM returned {len(group)} completions for prompt {p}, "
-                                   f"asked for {sp.n}")
+                                   f"asked for {sps[p].n}")
             group += [copy.deepcopy(group[0]) for _ in range(n - len(group))]  # greedy copies
             results.append(group)
         return results
@@ -249,12 +316,12 @@ class VLLMEngine(Sampler):
         ids = [int(t) for t in c.token_ids]
         stop = set(self.stop_ids)
         cut = next((j for j, t in enumerate(ids) if t in stop), None)
+        if cut is None and c.finish_reason == "stop" and ids:
+            cut = len(ids) - 1  # stopped on an id vLLM knows as EOS; it is the last token
         if cut is not None:
-            kept, reason = ids[:cut], "stop"
-        elif c.finish_reason == "stop":  # stopped on an id vLLM knows as EOS; it is the last
-            kept, reason = ids[:-1], "stop"
+            kept, reason, stop_id = ids[:cut], "stop", ids[cut]
         elif len(ids) >= params.max_new_tokens:
-            kept, reason = ids[:params.max_new_tokens], "length"
+            kept, reason, stop_id = ids[:params.max_new_tokens], "length", None
         else:
             raise RuntimeError(
                 f"vLLM ended a completion after {len(ids)} of {params.max_new_tokens} tokens "
@@ -262,11 +329,12 @@ class VLLMEngine(Sampler):
                 f"max_new_tokens does not fit max_model_len, or the request was aborted")
         lps = None
         if params.return_logprobs:
-            if c.logprobs is None or len(c.logprobs) < len(kept):
+            trained = kept + ([stop_id] if stop_id is not None else [])
+            if c.logprobs is None or len(c.logprobs) < len(trained):
                 raise RuntimeError("vLLM returned no logprobs (or too few) for a completion")
-            lps = [float(c.logprobs[j][tok].logprob) for j, tok in enumerate(kept)]
+            lps = [float(c.logprobs[j][tok].logprob) for j, tok in enumerate(trained)]
         return Completion(p, kept, self.tokenizer.decode(kept, skip_special_tokens=True),
-                          reason, lps)
+                          reason, lps, stop_id)
 
     def close(self) -> None:
         """Drop the engine (and the CUDA cache it used). Idempotent."""

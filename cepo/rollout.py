@@ -27,6 +27,7 @@ class Rollout:
     group: int
     prompt_ids: list[int]
     response_ids: list[int]          # as trained: the sampled tokens, then the stop token
+                                     # the sampler emitted (Completion.trained_ids)
     text: str
     reward: float
     correct: bool
@@ -46,19 +47,6 @@ class Groups:
     wrong_answers: list[str | None]  # per group: the wrong-answer hint, or None (RLSD fallback)
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
-
-
-def trained_response_ids(completion) -> list[int]:
-    """The response as trained on: the sampled tokens followed by the stop token the
-    sampler actually emitted (a model with several stop tokens, e.g. <|im_end|> and
-    <|endoftext|>, learns the one it produced); a truncated response has none."""
-    ids = list(completion.token_ids)
-    if completion.finish_reason == "stop":
-        if completion.stop_token_id is None:
-            raise ValueError("sampler: a completion that finished with 'stop' must report "
-                             "the stop token it emitted (Completion.stop_token_id)")
-        ids.append(int(completion.stop_token_id))
-    return ids
 
 
 def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: list[int], *,
@@ -85,7 +73,7 @@ def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: l
         for c in group:
             s = scores[len(rollouts)]
             rollouts.append(Rollout(
-                group=g, prompt_ids=prompt_ids[g], response_ids=trained_response_ids(c),
+                group=g, prompt_ids=prompt_ids[g], response_ids=c.trained_ids,
                 text=c.text, reward=float(s.reward), correct=bool(s.correct), status=s.status,
                 truncated=c.finish_reason == "length", extracted=s.extracted,
                 sampler_logprobs=c.logprobs))

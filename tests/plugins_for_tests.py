@@ -60,3 +60,8 @@ def kill_trainer_once(response: str, answer: str) -> float:
 def nan_reward(response: str, answer: str) -> float:
     """Not a number: the advantages, hence the loss, become NaN."""
     return float("nan")
+
+
+def constant_reward(response: str, answer: str) -> float:
+    """Every response the same reward: no group carries a signal, no update happens."""
+    return 0.5

@@ -1,7 +1,6 @@
 """Crash safety, the hard way: SIGKILL in the middle of a step, a half-written metrics line,
 a checkpoint cut off mid-write, a second run on a live run's directory, non-finite updates."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+import train_cli
+from train_cli import free_port, rows, step_rows, subprocess_env
 from tiny_lm import make_tiny_model_dir
-
-TESTS = Path(__file__).parent
 COMMON = ("--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "10",
           "--num_eval", "4", "--eval_every", "0", "--progress", "false", "--samples_every", "1")
 
@@ -22,27 +21,7 @@ def tiny(tmp_path_factory):
 
 
 def train(out: Path, model: Path, *args: str, env: dict | None = None):
-    """``python -m cepo.train`` (a world of one, as torchrun would give) -> CompletedProcess."""
-    cmd = [sys.executable, "-m", "cepo.train", "--model", str(model), "--output_dir", str(out),
-           *COMMON, *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}),
-                    PYTHONPATH=str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rows(out: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return [json.loads(x) for x in (out / name).read_text().splitlines() if x.strip()]
-
-
-def step_rows(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in rows(out) if "loss" in r}
+    return train_cli.train(out, model, *COMMON, *args, env=env)
 
 
 def test_sigkill_mid_step_then_resume_loses_nothing(tiny, tmp_path):
@@ -112,9 +91,7 @@ def test_worker_stops_when_its_launcher_is_killed(tiny, tmp_path):
            "--master_port", str(free_port()), "-m", "cepo.train", "--model", str(tiny), "--output_dir",
            str(out), *COMMON, "--steps", "200", "--checkpoint_every", "0", "--reward_fn",
            "plugins_for_tests:digits_reward"]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    launcher = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").exists() or not step_rows(out):

@@ -119,6 +119,10 @@ class CEPOGRPOTrainer(GRPOTrainer):
         for name, unsupported in checks:
             if unsupported:
                 raise ValueError(f"{name}: not supported by cepo's fused PPO loss{fix}")
+        if self.cepo.enabled and getattr(self, "environment_factories", None) is not None:
+            raise ValueError("cepo_lambda0 > 0 with environment_factory: CEPO's teacher contexts "
+                             "are built from single-turn prompts; set cepo_lambda0=0 (fused "
+                             "GRPO) or use trl.GRPOTrainer")
         if getattr(self, "_is_vlm", False):
             raise ValueError(f"vision-language models are not supported by the TRL adapter{fix}")
         install_head_hook(self.model)  # raises ValueError for heads the kernels cannot reproduce

@@ -33,7 +33,7 @@ def ppo_denominator(keep, normalizer, dtype, device):
     (at least 1) unless a normalizer is given."""
     if normalizer is None:
         return keep.to(dtype).sum().clamp(min=1.0)
-    return torch.as_tensor(float(normalizer), dtype=dtype, device=device)
+    return torch.full((), float(normalizer), dtype=dtype, device=device)  # a fill: no copy
 
 
 def ppo_grad_coef(lp, old_logprobs, token_advantages, keep, denom, *, clip_low, clip_high,

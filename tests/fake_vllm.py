@@ -203,7 +203,7 @@ def top_k_top_p(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
 
 
 class _Model(torch.nn.Module):
-    """What ``model_runner.model`` offers the worker extension: ``load_weights``."""
+    """What ``model_runner.get_model()`` offers the worker extension: ``load_weights``."""
 
     def __init__(self, hf, tied: bool):
         super().__init__()

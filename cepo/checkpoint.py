@@ -1,5 +1,5 @@
-"""Training checkpoints with torch.distributed.checkpoint (DCP), written atomically, and
-the final export in Hugging Face layout (safetensors).
+"""Training checkpoints with torch.distributed.checkpoint (DCP), written atomically. (The
+final export in Hugging Face layout is ``cepo.export``.)
 
 Layout of one checkpoint, ``<root>/step_000042/``::
 
@@ -41,9 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +73,9 @@ def _on_rank0(fn: Callable[[], None], what: str) -> None:
         except BaseException as e:  # re-raised below, after telling the other ranks
             error = e
     if dist.is_initialized() and _world() > 1:
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+        # a CPU flag where the group has a CPU backend (gloo; cuda:nccl,cpu:gloo)
+        device = (torch.device("cpu") if "cpu:" in dist.get_backend_config()
+                  else torch.device("cuda", torch.cuda.current_device()))
         flag = torch.tensor([0 if error is None else 1], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if error is None and flag.item():
@@ -432,143 +432,10 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler=None) -> di
 
 # ----------------------------------------------------------------------------- export
 
-def _module_prefix(root: torch.nn.Module, sub: torch.nn.Module) -> str:
-    for name, m in root.named_modules():
-        if m is sub:
-            return f"{name}." if name else ""
-    raise ValueError("export_hf: the Hugging Face model is not a submodule of 'model'")
-
-
-def _merge_lora(base: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain Hugging Face weights from a peft LoRA model's full state dict (base names).
-
-    For each LoRA ``Linear`` ``W' = W + (B @ A) * scaling`` (transposed for
-    fan_in_fan_out), for LoRA ``Embedding`` ``W' = W + (B @ A).T * scaling``, summed
-    over the active, not yet merged adapters, computed in float32 and cast back; this is
-    what peft's ``merge_and_unload`` computes, done on gathered tensors because it cannot
-    run on FSDP2 shards. ``modules_to_save`` copies replace the originals. Other peft
-    layers (DoRA and other variants, LoRA biases, conv layers) raise.
-    """
-    from peft.tuners.lora import layer as lora_layer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import ModulesToSaveWrapper
-
-    sd = dict(sd)
-    for name, module in base.named_modules():
-        p = f"{name}." if name else ""
-        if isinstance(module, ModulesToSaveWrapper):
-            active = [] if module.disable_adapters else list(module.active_adapters)
-            src = f"{p}modules_to_save.{active[0]}." if active else f"{p}original_module."
-            for k in [k for k in sd if k.startswith(p + "modules_to_save.")
-                      or k.startswith(p + "original_module.")]:
-                v = sd.pop(k)
-                if k.startswith(src):
-                    sd[p + k[len(src):]] = v
-            continue
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        kind = type(module).__name__
-        if not isinstance(module, (lora_layer.Linear, lora_layer.Embedding)):
-            raise NotImplementedError(f"export_hf: cannot merge the peft layer {kind} at {name!r}; "
-                                      "export with merge_lora=False (adapter only)")
-        key = f"{p}base_layer.weight"
-        weight = sd[key]
-        delta = torch.zeros(weight.shape, dtype=torch.float32)
-        adapters = [] if module.disable_adapters else [
-            a for a in module.active_adapters if a not in module.merged_adapters]
-        for a in adapters:
-            if getattr(module, "lora_variant", {}).get(a) is not None:
-                raise NotImplementedError(f"export_hf: adapter {a!r} at {name!r} is a LoRA "
-                                          "variant (e.g. DoRA); export with merge_lora=False")
-            if getattr(module, "lora_bias", {}).get(a):
-                raise NotImplementedError(f"export_hf: adapter {a!r} at {name!r} has a LoRA "
-                                          "bias; export with merge_lora=False")
-            if isinstance(module, lora_layer.Linear):
-                A = sd[f"{p}lora_A.{a}.weight"].float()
-                B = sd[f"{p}lora_B.{a}.weight"].float()
-                d = B @ A
-                delta += (d.T if module.fan_in_fan_out else d) * module.scaling[a]
-            else:
-                A = sd[f"{p}lora_embedding_A.{a}"].float()
-                B = sd[f"{p}lora_embedding_B.{a}"].float()
-                delta += (B @ A).T * module.scaling[a]
-        sd[key] = (weight.float() + delta).to(weight.dtype) if adapters else weight
-    merged = {}
-    for k, v in sd.items():
-        if ".lora_" in k or k.startswith("lora_"):
-            continue  # adapters (merged above, or inactive: dropped like merge_and_unload)
-        merged[k.replace(".base_layer.", ".")] = v
-    leftover = [k for k in merged if "modules_to_save" in k or "original_module" in k]
-    if leftover:
-        raise NotImplementedError(f"export_hf: unsupported peft wrapper around {leftover[:3]}; "
-                                  "export with merge_lora=False")
-    return merged
-
-
-def _tie(base: torch.nn.Module, sd: dict[str, torch.Tensor], rename: Callable[[str], str]) -> None:
-    """Make names that share one parameter in the live model share one tensor in ``sd``
-    (gathered copies are distinct), so transformers' save drops the tied duplicate."""
-    groups: dict[int, list[str]] = {}
-    for name, param in base.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(rename(name))
-    for names in groups.values():
-        names = [n for n in names if n in sd]
-        for n in names[1:]:
-            sd[n] = sd[names[0]]
-
-
-def export_hf(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True) -> Path:
-    """Write the model in Hugging Face layout (safetensors), atomically; collective.
-
-    ``model`` is the trainer's root module (``.lm`` is the Hugging Face or peft model) or
-    a Hugging Face / peft model, sharded with FSDP2 or not. Every rank takes part in the
-    gather of a full, unsharded state dict (``get_model_state_dict`` with
-    ``full_state_dict`` + ``cpu_offload``: only rank 0 holds it, in CPU memory); rank 0
-    writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (sharded
-    with an index past 5 GB) and the tokenizer, via the model's own ``save_pretrained``
-    (tied weights dropped, weight-name conversions reverted). A peft LoRA model is merged
-    into plain weights (see ``_merge_lora``) so that ``from_pretrained(out_dir)`` is the
-    trained model; with ``merge_lora=False`` the adapter alone is written in peft's
-    layout (``adapter_config.json`` + ``adapter_model.safetensors``). Written into
-    ``<out_dir>.tmp`` and renamed. Returns ``out_dir`` on every rank.
-    """
-    out_dir = Path(out_dir)
-    lm = getattr(model, "lm", model)
-    is_peft = hasattr(lm, "get_base_model") and hasattr(lm, "peft_config")
-    base = lm.get_base_model() if is_peft else lm
-    if getattr(base, "_hf_peft_config_loaded", False):
-        raise ValueError("export_hf: adapters added with transformers' add_adapter are not "
-                         "supported; wrap the model with peft.get_peft_model instead")
-    if not hasattr(base, "save_pretrained"):
-        raise ValueError(f"export_hf: {type(base).__name__} is not a Hugging Face model "
-                         "(no save_pretrained); pass the trainer's policy or the HF model")
-    target = base if (merge_lora or not is_peft) else lm
-    prefix = _module_prefix(model, target)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
-
-    def write():
-        sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        dropped = [k for k in full if not k.startswith(prefix)]
-        if dropped:
-            log.warning("export_hf: %d tensors outside the Hugging Face model are not exported "
-                        "(e.g. %s)", len(dropped), dropped[0])
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if target is base:
-            if is_peft:
-                sd = _merge_lora(base, sd)
-                _tie(base, sd, lambda n: n.replace(".base_layer.", "."))
-            else:
-                _tie(base, sd, lambda n: n)
-            base.save_pretrained(tmp, state_dict=sd, max_shard_size="5GB")
-        else:
-            lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
-
-    _on_rank0(write, f"export to {out_dir}")
-    return out_dir
+def __getattr__(name: str):
+    """``export_hf`` moved to ``cepo.export``; still importable from here (lazily: export
+    imports this module)."""
+    if name == "export_hf":
+        from cepo.export import export_hf
+        return export_hf
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

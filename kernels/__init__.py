@@ -7,12 +7,14 @@ Depends on torch only (and triton where present): import it from any RLVR codeba
 See kernels/README.md for the math and an example.
 """
 
+from ._validate import set_debug
 from ._types import IGNORE_INDEX, Evidence, LogProbs, PPOStats
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .ops import contrastive_evidence, fused_linear_ppo_loss, fused_logprobs
 
 __all__ = [
     "BACKENDS", "IGNORE_INDEX", "Evidence", "LogProbs", "PPOStats", "contrastive_evidence",
-    "fused_linear_ppo_loss", "fused_logprobs", "get_backend", "set_backend", "use_backend",
+    "fused_linear_ppo_loss", "fused_logprobs", "get_backend", "set_backend", "set_debug",
+    "use_backend",
 ]
 __version__ = "0.1.0"

@@ -7,7 +7,9 @@ storing [N, V] (``head_backward``). Every head gradient we need has that form:
   d lp / d z   = onehot - p            ->  a = g_lp, b = -g_lp
   d lse / d z  = p                     ->  b += g_lse
   d H / d z    = -p (log p + H)        ->  b -= g_H H, c = g_H
-so one backward serves log-probs, logsumexp, entropy and the PPO loss.
+so one backward serves log-probs, logsumexp and entropy. The PPO loss, whose gradient is
+known in the forward, uses ``head_forward_grad`` instead: logits, log-probs and the
+gradient products in one pass (three products, no recompute).
 """
 
 from __future__ import annotations
@@ -57,28 +59,34 @@ def fused_logprobs(engine, hidden, weight, targets, *, temperature, return_entro
 
 class _PPOLoss(torch.autograd.Function):
     """The loss is a scalar, so its gradient w.r.t. hidden and weight is known in the
-    forward up to grad_output: compute it there (one recompute of the logits instead of
-    two) and only scale it in backward."""
+    forward up to grad_output: the engine computes it there in three products (logits
+    chunk, dh, dW: no recompute) and backward only scales it."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, old_logprobs, token_advantages, mask, options,
                 engine):
         valid = targets != IGNORE_INDEX
         y = torch.where(valid, targets, 0)
+        keep = mask & valid
         want_entropy = options["return_entropy"]
-        lp, lse, ent = engine.head_forward((hidden,), weight, y, valid, options["temperature"],
-                                           want_entropy)
-        lp, lse = lp[0], lse[0]
-        loss, dlp, stats = _math.ppo_token_terms(
-            lp, old_logprobs, token_advantages, mask & valid, clip_low=options["clip_low"],
-            clip_high=options["clip_high"], normalizer=options["normalizer"],
-            ref_logprobs=options["ref_logprobs"], kl_coef=options["kl_coef"],
-            entropy=ent[0] if want_entropy else None)
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        denom = _math.ppo_denominator(keep, options["normalizer"], acc, weight.device)
+        ref = options["ref_logprobs"]
+
+        def coef(r0, r1, lp_chunk):
+            return _math.ppo_grad_coef(
+                lp_chunk, None if old_logprobs is None else old_logprobs[r0:r1],
+                token_advantages[r0:r1], keep[r0:r1], denom, clip_low=options["clip_low"],
+                clip_high=options["clip_high"], ref_logprobs=None if ref is None else ref[r0:r1],
+                kl_coef=options["kl_coef"])
+
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = dw = None
-        if need_h or need_w:
-            dh, dw = engine.head_backward(hidden, weight, y, lse, dlp, -dlp, None,
-                                          options["temperature"], need_h, need_w)
+        lp, lse, ent, dh, dw = engine.head_forward_grad(
+            hidden, weight, y, valid, options["temperature"], want_entropy, coef, need_h, need_w)
+        loss, _, stats = _math.ppo_token_terms(
+            lp, old_logprobs, token_advantages, keep, clip_low=options["clip_low"],
+            clip_high=options["clip_high"], normalizer=options["normalizer"],
+            ref_logprobs=ref, kl_coef=options["kl_coef"], entropy=ent)
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.has = (dh is not None, dw is not None)
         stats = torch.stack([

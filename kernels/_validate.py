@@ -1,14 +1,37 @@
-"""Argument checks shared by every implementation: a ValueError that names the argument."""
+"""Argument checks shared by every implementation: a ValueError that names the argument.
+
+Shape, dtype, device and scalar checks always run (they read no tensor data). Checks
+that read tensor data (targets in [0, V)) would synchronise the host with a GPU, so
+they run only where that is free (CPU tensors) or when asked for: set
+``CEPO_KERNELS_DEBUG=1`` (or call ``set_debug(True)``) to run them on every device,
+``CEPO_KERNELS_DEBUG=0`` to skip them everywhere.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from ._types import IGNORE_INDEX
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+_debug: bool | None = {"1": True, "0": False}.get(os.environ.get("CEPO_KERNELS_DEBUG", ""))
+
+
+def set_debug(enabled: bool | None) -> None:
+    """Data-dependent checks: True on every device, False never, None (default) CPU only."""
+    global _debug
+    _debug = enabled
+
+
+def data_checks(device: torch.device) -> bool:
+    """Whether checks that read tensor data run for tensors on device (no host sync
+    on CUDA unless debugging)."""
+    return _debug if _debug is not None else device.type == "cpu"
 
 
 def _fail(name: str, problem: str, fix: str = "") -> None:
@@ -42,7 +65,7 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
             _fail(name, f"is on {t.device} but weight is on {weight.device}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         _fail("temperature", f"must be a finite number > 0, got {temperature!r}")
-    if targets.numel():
+    if targets.numel() and data_checks(targets.device):
         vocab = weight.shape[0]
         bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):

@@ -1,14 +1,24 @@
 """Chunked pure-PyTorch engine: any device, never allocates [N, V].
 
-Rows are processed in chunks and the vocabulary in tiles, so the largest temporary is
-one [rows, vocab_tile] logits tile (``TILE_ELEMENTS`` elements). The logsumexp is
-accumulated online over vocabulary tiles, exactly as the Triton kernels do, and the
-backward recomputes each tile instead of storing it. Low-precision inputs (bf16, fp16)
-are upcast one tile at a time, so every product accumulates and is kept in fp32. All
-loops are sequential, so results (dW included) are deterministic.
+Rows are processed in chunks of ``rows_per_chunk`` rows against the WHOLE vocabulary, so
+the largest temporary is one [rows, V] logits chunk (at most ``TILE_ELEMENTS`` elements,
+rounded up to one row). Each chunk is one library matmul in the compute dtype (bf16
+operands stay bf16, with the BLAS's fp32 accumulation; fp16 is computed in fp32 on CPU),
+and the exact fp32 log-softmax of the chunk gives the log-probs, logsumexp and entropy.
 
-An engine provides ``head_forward`` and ``head_backward`` (the autograd wrappers in
-``_autograd`` build the differentiable ops from them) and ``contrastive_evidence``.
+Products per op (the floor is the count of [N, V, H] products the op cannot avoid):
+
+- ``head_forward`` (log-probs, three contexts): one product per context.
+- ``head_forward_grad`` (the PPO loss, whose gradient is known in the forward): THREE.
+  Per chunk: the logits once, the per-token gradient coefficient from its log-probs,
+  dz formed in place, then dh = dz W and dW += dz^T h as plain matmuls.
+- ``head_backward`` (the log-prob op, whose upstream gradient arrives later): FOUR (the
+  logits are recomputed, never stored).
+
+Rows whose gradient coefficient is zero (masked, ignored, clipped, A = 0) are dropped
+from the two gradient products on CPU (finding them reads the data, which on CUDA would
+be a host synchronisation, so there they stay in, with dz = 0). All loops are sequential,
+so results (dW included) are deterministic.
 """
 
 from __future__ import annotations
@@ -18,12 +28,13 @@ import torch
 from . import _math
 from ._types import Evidence
 
-TILE_ELEMENTS = 1 << 22
-"""Largest logits tile, in elements (16 MiB in fp32). Lower it to trade speed for memory."""
+TILE_ELEMENTS = 1 << 21
+"""Largest logits chunk, in elements (8 MiB in fp32): rows per chunk = TILE_ELEMENTS // V.
+Lower it to trade speed for memory; the extra peak is about three chunks plus dW."""
 
-MAX_VOCAB_TILE = 1 << 12
-"""Largest vocabulary tile: small enough that one upcast weight tile ([tile, H] fp32) stays
-in cache while every row chunk passes over it; rows per chunk fill TILE_ELEMENTS."""
+SKIP_ZERO_ROWS = "auto"
+"""Drop rows with a zero gradient coefficient from the dh / dW products: 'auto' (on CPU
+only: on CUDA it would need a host sync), True or False."""
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,105 +42,226 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tiles(num_rows: int, vocab: int) -> tuple[int, int]:
-    """(rows per chunk, vocab per tile) with rows * vocab_tile <= TILE_ELEMENTS."""
-    vocab_tile = max(1, min(vocab, MAX_VOCAB_TILE, TILE_ELEMENTS))
-    rows = max(1, min(num_rows, TILE_ELEMENTS // vocab_tile))
-    return rows, vocab_tile
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Operand dtype of the products: the input dtype, except fp16 off CUDA (fp32: the CPU
+    fp16 GEMM is slow, and an fp16 gradient tile would underflow)."""
+    if dtype == torch.float16 and device.type != "cuda":
+        return torch.float32
+    return dtype
 
 
-def _tempered(z: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    return z if inv_temp == 1.0 else z.mul_(inv_temp)
+def rows_per_chunk(num_rows: int, vocab: int) -> int:
+    """Rows per chunk so that one [rows, V] chunk holds at most TILE_ELEMENTS (>= 1 row)."""
+    return max(1, min(num_rows, TILE_ELEMENTS // max(1, vocab)))
+
+
+def _skip_rows(device: torch.device) -> bool:
+    if SKIP_ZERO_ROWS == "auto":
+        return device.type == "cpu"
+    return bool(SKIP_ZERO_ROWS)
+
+
+def _log_softmax(z: torch.Tensor, inv_temp: float, acc: torch.dtype) -> torch.Tensor:
+    """Exact log-softmax [rows, V] in acc of the tempered chunk z (any float dtype)."""
+    if inv_temp != 1.0:
+        z = z.to(acc).mul_(inv_temp) if z.dtype != acc else z.mul_(inv_temp)
+    return torch.log_softmax(z, dim=1, dtype=acc)
+
+
+def _target_logits(h, w, y, acc):
+    """z_y = h . W_y [r] in acc, exactly (O(r H)): a low-precision chunk rounds its logits,
+    and the target logit enters the log-prob directly."""
+    return torch.linalg.vecdot(h.to(acc), w.index_select(0, y).to(acc))
+
+
+def _chunk_stats(z, y, valid, inv_temp, with_entropy, acc, z_target=None):
+    """(log-softmax [r, V] acc, lp [r], lse [r], entropy [r] | None) of one logits chunk.
+
+    z_target: the exact untempered target logits [r] when z is low precision, else None.
+    """
+    if z_target is None:
+        z_target = z.gather(1, y[:, None])[:, 0].to(acc)
+    z_target = z_target * inv_temp
+    z_max = z.amax(dim=1).to(acc) * inv_temp
+    ls = _log_softmax(z, inv_temp, acc)
+    # lse = max_j z_j - max_j log p_j: both terms exact or nearly (|max log p| <= log V)
+    lse = z_max - ls.amax(dim=1)
+    lp_all = z_target - lse
+    ent = None
+    if with_entropy:
+        ent = -torch.linalg.vecdot(ls.exp(), ls)
+    lp = torch.where(valid, lp_all, torch.zeros_like(lp_all))
+    return ls, lp, lse, ent
+
+
+class _Head:
+    """The weight and hidden states in the compute dtype (upcast once per op if needed)."""
+
+    def __init__(self, hidden, weight):
+        self.dtype = compute_dtype(weight.dtype, weight.device)
+        self.acc = acc_dtype(weight.dtype)
+        self.w = weight if weight.dtype == self.dtype else weight.to(self.dtype)
+        self.h = hidden if hidden.dtype == self.dtype else hidden.to(self.dtype)
 
 
 def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
     """Log-probs of y under each hidden block [N, H]: (lp [K, N], lse [K, N], entropy [K, N] | None).
 
-    y [N] holds valid token ids (ignored positions replaced by 0); valid [N] bool.
-    Vocabulary tiles are the outer loop: each weight tile is read (and upcast) once and
-    used for every row chunk of every block; the online logsumexp state is kept per row.
+    y [N] holds valid token ids (ignored positions replaced by 0); valid [N] bool. One
+    [rows, V] product per chunk per block, then the exact log-softmax of the chunk.
     """
     acc = acc_dtype(weight.dtype)
     k, n, vocab = len(hiddens), y.shape[0], weight.shape[0]
     inv_temp = 1.0 / temperature
-    rows, vocab_tile = _tiles(n, vocab)
     dev = weight.device
-    hs = [h.to(acc) for h in hiddens]  # [N, H] each (no copy in fp32)
-    m = torch.full((k, n), float("-inf"), dtype=acc, device=dev)
-    s = torch.zeros(k, n, dtype=acc, device=dev)
-    t = torch.zeros(k, n, dtype=acc, device=dev) if with_entropy else None
-    z_target = torch.zeros(k, n, dtype=acc, device=dev)
-    for v0 in range(0, vocab, vocab_tile):
-        v1 = min(v0 + vocab_tile, vocab)
-        w_t = weight[v0:v1].to(acc).T  # [H, tile], upcast once per tile
-        in_tile = (y >= v0) & (y < v1)
-        local = (y - v0).clamp(0, v1 - v0 - 1)
-        for i, h in enumerate(hs):
-            for r0 in range(0, n, rows):
-                r1 = min(r0 + rows, n)
-                z = _tempered(h[r0:r1] @ w_t, inv_temp)
-                picked = z.gather(1, local[r0:r1, None])[:, 0]
-                z_target[i, r0:r1] = torch.where(in_tile[r0:r1], picked, z_target[i, r0:r1])
-                m_old = m[i, r0:r1]
-                m_new = torch.maximum(m_old, z.amax(dim=1))
-                scale = torch.exp(m_old - m_new)
-                # in place: a fresh [rows, tile] buffer per step costs page faults on CPU
-                zc = z.sub_(m_new[:, None])  # z - m_new
-                if with_entropy:  # sum_j e_j z_j = sum_j e_j (z_j - m_new) + m_new sum_j e_j
-                    e = torch.exp(zc)
-                    e_sum = e.sum(dim=1)
-                    t[i, r0:r1] = (t[i, r0:r1] * scale + torch.linalg.vecdot(e, zc)
-                                   + m_new * e_sum)
-                    del e
-                else:
-                    e_sum = zc.exp_().sum(dim=1)
-                s[i, r0:r1] = s[i, r0:r1] * scale + e_sum
-                m[i, r0:r1] = m_new
-                del z, zc
-    lse = m + torch.log(s)
-    lp = torch.where(valid, z_target - lse, torch.zeros_like(lse))
-    ent = lse - t / s if with_entropy else None
+    lp = torch.zeros(k, n, dtype=acc, device=dev)
+    lse = torch.zeros(k, n, dtype=acc, device=dev)
+    ent = torch.zeros(k, n, dtype=acc, device=dev) if with_entropy else None
+    rows = rows_per_chunk(n, vocab)
+    for i, hidden in enumerate(hiddens):
+        head = _Head(hidden, weight)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            z = head.h[r0:r1] @ head.w.T  # [rows, V], compute dtype
+            zt = _target_logits(head.h[r0:r1], head.w, y[r0:r1], acc) if z.dtype != acc else None
+            ls, lp_c, lse_c, ent_c = _chunk_stats(z, y[r0:r1], valid[r0:r1], inv_temp,
+                                                  with_entropy, acc, zt)
+            del z, ls
+            lp[i, r0:r1], lse[i, r0:r1] = lp_c, lse_c
+            if with_entropy:
+                ent[i, r0:r1] = ent_c
     return lp, lse, ent
+
+
+def _grad_products(g, head, r0, r1, y_c, a_c, active, dh, dw32):
+    """dh[r0:r1] = dz W and dW += dz^T h for one chunk, g [r, V] (acc) holding
+    p (b - c (z - lse)) / T; a_c [r] (already / T) is added at the targets here.
+
+    active: None (every row) or the indices of the rows with a nonzero coefficient.
+    """
+    rows = torch.arange(g.shape[0], device=g.device)
+    g[rows, y_c] += a_c
+    h_c = head.h[r0:r1]
+    if active is not None:
+        g, h_c = g.index_select(0, active), h_c.index_select(0, active)
+    gd = g if g.dtype == head.dtype else g.to(head.dtype)
+    del g
+    if dh is not None:
+        dh_c = gd @ head.w  # [r, H]
+        if active is None:
+            dh[r0:r1] = dh_c
+        else:
+            dh[r0:r1].index_copy_(0, active, dh_c.to(dh.dtype))
+    if dw32 is not None:
+        if dw32.dtype == gd.dtype:
+            dw32.addmm_(gd.T, h_c)
+        else:  # low-precision product, fp32 accumulation across chunks
+            dw32.add_(gd.T @ h_c)
+
+
+def _active_rows(coef: torch.Tensor, device) -> torch.Tensor | None:
+    """Indices of the rows whose coefficient is nonzero, or None (keep every row)."""
+    if not _skip_rows(device):
+        return None
+    nz = coef != 0
+    if bool(nz.all()):
+        return None
+    return torch.nonzero(nz)[:, 0]
+
+
+def _grad_buffers(hidden, weight, head, need_h, need_w):
+    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    dw32 = None
+    if need_w:
+        dw_dtype = head.acc if weight.dtype != head.acc else weight.dtype
+        dw32 = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device)
+    return dh, dw32
+
+
+def _finish_dw(dw32, weight):
+    return None if dw32 is None else (dw32 if dw32.dtype == weight.dtype else dw32.to(weight.dtype))
+
+
+def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_fn,
+                      need_h, need_w):
+    """Forward and gradient in three products: (lp, lse, entropy | None, dh | None, dW | None).
+
+    coef_fn(r0, r1, lp_chunk [r]) -> d loss / d lp for those rows ([r], acc dtype; 0 for
+    rows that contribute nothing). Per chunk: logits once, exact log-softmax, the
+    coefficient, dz = coef (onehot - p) / T in place, dh = dz W, dW += dz^T h.
+    lp, lse, entropy are [N] (acc dtype); dh, dW in the input dtypes.
+    """
+    acc = acc_dtype(weight.dtype)
+    n, vocab = y.shape[0], weight.shape[0]
+    inv_temp = 1.0 / temperature
+    dev = weight.device
+    head = _Head(hidden, weight)
+    lp = torch.zeros(n, dtype=acc, device=dev)
+    lse = torch.zeros(n, dtype=acc, device=dev)
+    ent = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
+    dh, dw32 = _grad_buffers(hidden, weight, head, need_h, need_w)
+    rows = rows_per_chunk(n, vocab)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        z = head.h[r0:r1] @ head.w.T
+        zt = _target_logits(head.h[r0:r1], head.w, y[r0:r1], acc) if z.dtype != acc else None
+        ls, lp_c, lse_c, ent_c = _chunk_stats(z, y[r0:r1], valid[r0:r1], inv_temp,
+                                              with_entropy, acc, zt)
+        del z
+        lp[r0:r1], lse[r0:r1] = lp_c, lse_c
+        if with_entropy:
+            ent[r0:r1] = ent_c
+        if dh is None and dw32 is None:
+            continue
+        coef = coef_fn(r0, r1, lp_c).to(acc) * inv_temp  # d loss / d lp, / T folded in
+        coef = torch.where(valid[r0:r1], coef, torch.zeros_like(coef))
+        active = _active_rows(coef, dev)
+        if active is not None and active.numel() == 0:
+            continue
+        g = ls.exp_().mul_(-coef[:, None])  # -coef p, in place
+        _grad_products(g, head, r0, r1, y[r0:r1], coef, active, dh, dw32)
+        del g, ls
+    return lp, lse, ent, dh, _finish_dw(dw32, weight)
 
 
 def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     """(dh, dW) in the input dtypes (None where not needed) for d loss / d z_j =
     a onehot_j + p_j (b - c (z_j - lse)), z the tempered logits, per-row a, b, c [N]
-    (c may be None). Tile by tile: dh += dz W, dW += dz^T h, never storing [N, V];
-    vocabulary tiles outer (each weight tile upcast once, its dW finished in place).
+    (c may be None). Chunk by chunk: the logits recomputed once, dz formed in place,
+    dh = dz W, dW += dz^T h: four products with the forward, never storing [N, V].
     """
     acc = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
-    rows, vocab_tile = _tiles(n, vocab)
     inv_temp = 1.0 / temperature
-    h_acc = hidden.to(acc)  # [N, H]
-    dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-    for v0 in range(0, vocab, vocab_tile):
-        v1 = min(v0 + vocab_tile, vocab)
-        w = weight[v0:v1].to(acc)  # [tile, H]
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            h = h_acc[r0:r1]
-            zc = _tempered(h @ w.T, inv_temp).sub_(lse[r0:r1, None])
-            if c is not None:  # p (b - c zc), with one [rows, tile] buffer besides zc
-                g = zc.mul(-c[r0:r1, None]).add_(b[r0:r1, None]).mul_(zc.exp_())
-            else:  # p b, in place
-                g = zc.exp_().mul_(b[r0:r1, None])
-            del zc
-            yc = y[r0:r1]
-            in_tile = (yc >= v0) & (yc < v1)
-            rows_in = torch.nonzero(in_tile)[:, 0]
-            g[rows_in, yc[rows_in] - v0] += a[r0:r1][rows_in]
-            if inv_temp != 1.0:
-                g.mul_(inv_temp)
-            if need_h:
-                dh[r0:r1].addmm_(g, w)
-            if need_w:
-                dweight[v0:v1].addmm_(g.T, h)
-            del g
-    return (dh.to(hidden.dtype) if need_h else None,
-            dweight.to(weight.dtype) if need_w else None)
+    dev = weight.device
+    head = _Head(hidden, weight)
+    dh, dw32 = _grad_buffers(hidden, weight, head, need_h, need_w)
+    # fold 1/T into the per-row coefficients (O(N), not O(N V))
+    a, b = a * inv_temp, b * inv_temp
+    c = None if c is None else c * inv_temp
+    rows = rows_per_chunk(n, vocab)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        nz = (a[r0:r1] != 0) | (b[r0:r1] != 0)
+        if c is not None:
+            nz = nz | (c[r0:r1] != 0)
+        active = _active_rows(nz, dev)
+        if active is not None and active.numel() == 0:
+            continue
+        z = head.h[r0:r1] @ head.w.T
+        zc = z.to(acc) if z.dtype != acc else z
+        if inv_temp != 1.0:
+            zc = zc.mul_(inv_temp)
+        zc = zc.sub_(lse[r0:r1, None])  # z - lse = log p
+        del z
+        if c is not None:  # p (b - c log p)
+            g = zc.mul(-c[r0:r1, None]).add_(b[r0:r1, None]).mul_(zc.exp_())
+        else:
+            g = zc.exp_().mul_(b[r0:r1, None])
+        del zc
+        _grad_products(g, head, r0, r1, y[r0:r1], a[r0:r1], active, dh, dw32)
+        del g
+    return dh, _finish_dw(dw32, weight)
 
 
 def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,

@@ -144,6 +144,21 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     return (dh.to(hidden.dtype) if need_h else None), (dw.to(weight.dtype) if need_w else None)
 
 
+def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_fn,
+                      need_h, need_w):
+    """Engine API (see chunked.head_forward_grad)."""
+    lp, lse, ent = head_forward((hidden,), weight, y, valid, temperature, with_entropy)
+    lp, lse = lp[0], lse[0]
+    ent = ent[0] if with_entropy else None
+    dh = dw = None
+    if need_h or need_w:
+        coef = coef_fn(0, y.shape[0], lp)
+        coef = torch.where(valid, coef, torch.zeros_like(coef))
+        dh, dw = head_backward(hidden, weight, y, lse, coef, -coef, None, temperature,
+                               need_h, need_w)
+    return lp, lse, ent, dh, dw
+
+
 def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,
                          lam, eps_w, temperature=1.0) -> Evidence:
     """Three contexts and the CEPO epilogue in one kernel launch (no gradient)."""

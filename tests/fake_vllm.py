@@ -203,7 +203,7 @@ def top_k_top_p(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
 
 
 class _Model(torch.nn.Module):
-    """What ``model_runner.model`` offers the worker extension: ``load_weights``."""
+    """What ``model_runner.get_model()`` offers the worker extension: ``load_weights``."""
 
     def __init__(self, hf, tied: bool):
         super().__init__()
@@ -281,11 +281,11 @@ class LLM:
         unknown = set(kwargs) - ENGINE_ARGS
         if unknown:
             raise TypeError(f"EngineArgs got unexpected keyword arguments {sorted(unknown)}")
-        if kwargs.get("logprobs_mode", "raw_logprobs") != "processed_logprobs":
-            raise NotImplementedError("fake vLLM: only logprobs_mode='processed_logprobs'")
         if kwargs.get("distributed_executor_backend") == "external_launcher":
             assert not _multiprocessing_on(), \
                 "VLLM_ENABLE_V1_MULTIPROCESSING=0 is required for external_launcher"
+        if kwargs.get("logprobs_mode", "raw_logprobs") != "processed_logprobs":
+            raise NotImplementedError("fake vLLM: only logprobs_mode='processed_logprobs'")
         dtype = kwargs.get("dtype", "auto")
         if dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype: {dtype}")

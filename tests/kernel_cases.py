@@ -24,6 +24,12 @@ ENGINES = [
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
+# Gradients and differences of log-probs (the k3 KL estimate) in bf16: the bf16 product
+# rounds each logit to 8 bits (|z| 2^-9, as every bf16 peer does), and dh / dW are
+# rounded to bf16 on output, so these land 1-2% from float64 (log-probs stay <= 1e-2:
+# the target logit is recomputed exactly).
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Norm-wise relative error ||a - e|| / ||e|| in float64."""

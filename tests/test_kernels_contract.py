@@ -29,8 +29,7 @@ class LargestTensor(TorchDispatchMode):
 
 def test_chunked_path_never_materialises_logits(monkeypatch):
     n, h, v = 512, 16, 4000
-    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 1 << 16)  # 64 rows x 1000 vocab per tile
-    monkeypatch.setattr(chunked, "MAX_VOCAB_TILE", 1000)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 1 << 16)  # chunks of 16 rows x 4000 vocab
     hidden, weight, targets = head_inputs(n, h, v, torch.float32, "cpu", requires_grad=True)
     old = torch.randn(n) - 8
     adv = torch.randn(n)

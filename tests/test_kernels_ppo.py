@@ -5,7 +5,7 @@ import torch
 
 import cepo_kernels as ck
 from cepo_kernels import reference
-from kernel_cases import ENGINES, TOL, grads, head_inputs, rel_err
+from kernel_cases import ENGINES, GRAD_TOL, TOL, grads, head_inputs, rel_err
 
 
 def ppo_inputs(n, h, v, dtype, device, seed=0):
@@ -39,12 +39,13 @@ def test_matches_reference(engine, device, dtype, n, h, v, kl):
     assert loss.dim() == 0
     assert rel_err(loss, ref_loss) <= TOL[dtype]
     for name in ref_stats._fields:
-        assert rel_err(getattr(stats, name), getattr(ref_stats, name)) <= TOL[dtype], name
+        tol = GRAD_TOL[dtype] if name == "approx_kl" else TOL[dtype]  # a difference of log-probs
+        assert rel_err(getattr(stats, name), getattr(ref_stats, name)) <= tol, name
     g_out = grads(loss * 1.7, hidden, weight)  # grad_output != 1 is scaled correctly
     g_ref = grads(ref_loss * 1.7, hidden, weight)
     for got, want in zip(g_out, g_ref):
         assert got.dtype == dtype
-        assert rel_err(got, want) <= TOL[dtype]
+        assert rel_err(got, want) <= GRAD_TOL[dtype]
 
 
 def test_clip_fractions_are_exercised():

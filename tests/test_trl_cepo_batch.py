@@ -74,3 +74,20 @@ def test_lambda_schedule_and_enabled():
     assert options.enabled
     assert [options.lam(s) for s in range(5)] == pytest.approx([0.5, 0.375, 0.25, 0.125, 0.0])
     assert CEPOOptions(lambda0=0.5, schedule="constant").lam(100) == 0.5
+
+
+def test_answer_extraction_modes():
+    from cepo import answers
+
+    boxed = CEPOOptions().answer_extractor
+    assert boxed("so 3+4=7 and \\boxed{7} then 9") == "7"
+    assert boxed("no box, 12") is None
+    with pytest.raises(ValueError, match="cepo_answer_extraction"):
+        CEPOOptions(answer_extraction="first_word")
+    if not hasattr(answers, "extract_answer"):
+        pytest.skip("cepo.answers.extract_answer is not in this checkout: only 'boxed' exists")
+    last = CEPOOptions(answer_extraction="last_number").answer_extractor
+    assert last("no box, 12") == answers.extract_answer("no box, 12", "last_number")
+    wrong = wrong_answers_per_rollout(["it is 4", "it is 5"], [0.0, 1.0], ["5", "5"], 2,
+                                      options=CEPOOptions(answer_extraction="last_number"))
+    assert wrong == ["4", "4"]

@@ -17,7 +17,7 @@ os.environ["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + os.environ.g
     ("\\boxed{0.5}", "\\frac{1}{2}", True, "ok"),
     ("\\boxed{\\frac{1}{2}}", "0.5", True, "ok"),
     ("\\boxed{\\frac{2}{4}}", "\\frac{1}{2}", True, "ok"),
-    ("The answer is $33$.", "33", True, "ok"),
+    ("The answer is $33$.", "33", False, "unparseable"),  # strict: no box, no answer
     ("\\boxed{34}", "33", False, "wrong"),
     ("\\boxed{-12}", "-12", True, "ok"),
     ("I do not know", "33", False, "unparseable"),
@@ -28,10 +28,22 @@ def test_math_verify_cases(response, answer, correct, status):
     assert s.reward == (1.0 if correct else 0.0)
 
 
+def test_opt_in_modes_find_unboxed_answers():
+    s = score_one("The answer is $33$.", "33", answer_extraction="math_verify")
+    assert (s.correct, s.status, s.extracted) == (True, "ok", "33")
+    s = score_one("so it is 33 apples", "33", answer_extraction="last_number")
+    assert (s.correct, s.status, s.extracted) == (True, "ok", "33")
+    with pytest.raises(ValueError, match="answer_extraction"):
+        score_one("\\boxed{1}", "1", answer_extraction="first_box")
+
+
 def test_format_reward():
     assert score_one("\\boxed{34}", "33", format_reward=0.1).reward == pytest.approx(0.1)
     assert score_one("\\boxed{33}", "33", format_reward=0.1).reward == pytest.approx(1.1)
-    assert score_one("33", "33", format_reward=0.1).reward == pytest.approx(1.0)
+    assert score_one("33", "33", format_reward=0.1).reward == 0.0  # no box: unparseable
+    assert score_one("33", "33", format_reward=0.1, answer_extraction="last_number").reward == 1.0
+    refused = score_one("\\boxed{9^{9^{9}}}", "33", format_reward=0.1)
+    assert (refused.status, refused.reward) == ("too_complex", 0.0)  # no format term
 
 
 def test_pool_scores_in_order():

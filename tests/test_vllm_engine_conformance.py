@@ -1,7 +1,7 @@
 """VLLMEngine against the sampler contract, over the CPU stand-in for vLLM (fake_vllm).
 
 The fake follows vLLM's documented behaviour where the engine must compensate for it:
-the stop token is returned in token_ids, load_weights raises KeyError on an unknown
+the stop token is returned in token_ids, load_weights raises ValueError on an unknown
 name and skips lm_head.* of a tied model, greedy rejects n > 1.
 """
 

@@ -2,7 +2,7 @@
 
 Checks the peer bugs it must avoid: weights loaded before the engine wakes them
 (TRL #5142), a wake-up after a sync that restores old weights (TRL #5312), reaching
-into llm_engine.model_executor (removed in vLLM V1, #16434); and that the prefix cache
+into llm_engine.model_executor (an in-process-only internal); and that the prefix cache
 is reset after each sync and the engine sleeps after generating. The fake raises on a
 write to sleeping weights and restores its backup on a weights wake-up, so a wrong
 order also shows in the outputs, not only in the recorded calls.
@@ -68,7 +68,7 @@ def test_sync_then_generate_order(engine, model_dir):
     # is woken, nothing restores the old weights (TRL #5312)
     assert llm.calls[2] == ("wake_up", ("weights",)) and llm.calls[6] == ("wake_up", ("kv_cache",))
     assert llm.calls[3] == ("collective_rpc", "cepo_load_weights")
-    assert not llm.llm_engine_touched  # vLLM #16434
+    assert not llm.llm_engine_touched  # internals: collective_rpc is the route
     # the pushed weights were in effect: the old backup did not come back
     assert all(c.token_ids == [seven] * 3 and c.finish_reason == "length" for g in out for c in g)
     assert all(len(c.logprobs) == 3 and max(c.logprobs) <= 0 for g in out for c in g)

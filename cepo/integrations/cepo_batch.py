@@ -9,6 +9,7 @@ OpenRLHF lay them out.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -25,10 +26,21 @@ ALGOS = ("cepo", "rlsd")
 SCHEDULES = ("linear", "constant", "cosine")
 
 
-def default_answer_extractor() -> Callable[[str], str | None]:
-    """The content of the last \\boxed{} (cepo.answers.extract_boxed), the task's convention."""
-    from cepo.answers import extract_boxed
-    return extract_boxed
+def answer_extractor(mode: str = "boxed") -> Callable[[str], str | None]:
+    """Response text -> final answer, as cepo's trainer extracts it: ``extract_answer(text,
+    mode)`` from cepo.answers (modes ``ANSWER_EXTRACTION_MODES``: boxed, last_number,
+    math_verify); where that function is absent, only "boxed" (``extract_boxed``)."""
+    from cepo import answers
+
+    extract = getattr(answers, "extract_answer", None)
+    if extract is None:
+        if mode != "boxed":
+            raise ValueError(f"cepo_answer_extraction={mode!r}: this cepo has only 'boxed'")
+        return answers.extract_boxed
+    modes = getattr(answers, "ANSWER_EXTRACTION_MODES", None)
+    if modes is not None and mode not in modes:
+        raise ValueError(f"cepo_answer_extraction must be one of {tuple(modes)}, got {mode!r}")
+    return functools.partial(extract, mode=mode)
 
 
 @dataclass
@@ -42,8 +54,9 @@ class CEPOOptions:
     user message (cepo.contexts.hinted_prompt). answer_column: the dataset column with the
     gold answer. wrong_answer_strategy: cepo.contexts.choose_wrong_answers. correct_threshold:
     a rollout whose total reward is >= this counts as correct (never a wrong-answer
-    candidate). answer_extractor: response text -> final answer or None (default: the last
-    \\boxed{}).
+    candidate). answer_extraction: how the final answer is read from a response
+    (``answer_extractor``: boxed, last_number, math_verify); answer_extractor, when given,
+    replaces it (response text -> final answer or None).
     """
 
     lambda0: float = 0.0
@@ -55,6 +68,7 @@ class CEPOOptions:
     answer_column: str = "answer"
     wrong_answer_strategy: str = "worst"
     correct_threshold: float = 1.0
+    answer_extraction: str = "boxed"
     answer_extractor: Callable[[str], str | None] | None = None
 
     def __post_init__(self):
@@ -71,7 +85,7 @@ class CEPOOptions:
                              f"got {self.wrong_answer_strategy!r}")
         check_hint_template(self.hint_template)
         if self.answer_extractor is None:
-            self.answer_extractor = default_answer_extractor()
+            self.answer_extractor = answer_extractor(self.answer_extraction)
 
     @property
     def enabled(self) -> bool:

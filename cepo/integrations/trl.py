@@ -76,7 +76,9 @@ class CEPOGRPOTrainer(GRPOTrainer):
       cepo_answer_column: the dataset column holding the gold answer ("answer");
       cepo_wrong_answer_strategy: worst | most_frequent | random;
       cepo_correct_threshold: total reward at or above which a rollout is correct (1.0);
-      cepo_answer_extractor: completion text -> final answer (default: last \\boxed{});
+      cepo_answer_extraction: how answers are read (boxed | last_number | math_verify, as
+        cepo.answers.extract_answer; default boxed: the last \\boxed{});
+      cepo_answer_extractor: a callable (completion text -> final answer) instead;
       kernels_backend: force a cepo_kernels backend ("triton" | "torch" | "reference").
     """
 
@@ -84,13 +86,15 @@ class CEPOGRPOTrainer(GRPOTrainer):
                  cepo_schedule: str = "linear", cepo_eps_w: float = 0.2, cepo_algo: str = "cepo",
                  cepo_hint_template: str = ANSWER_ONLY_TEMPLATE, cepo_answer_column: str = "answer",
                  cepo_wrong_answer_strategy: str = "worst", cepo_correct_threshold: float = 1.0,
+                 cepo_answer_extraction: str = "boxed",
                  cepo_answer_extractor: Callable[[str], str | None] | None = None,
                  kernels_backend: str | None = None, **kwargs):
         self.cepo = CEPOOptions(
             lambda0=cepo_lambda0, t_warm=cepo_t_warm, schedule=cepo_schedule, eps_w=cepo_eps_w,
             algo=cepo_algo, hint_template=cepo_hint_template, answer_column=cepo_answer_column,
             wrong_answer_strategy=cepo_wrong_answer_strategy,
-            correct_threshold=cepo_correct_threshold, answer_extractor=cepo_answer_extractor)
+            correct_threshold=cepo_correct_threshold, answer_extraction=cepo_answer_extraction,
+            answer_extractor=cepo_answer_extractor)
         if kernels_backend is not None and kernels_backend not in ck.BACKENDS:
             raise ValueError(f"kernels_backend must be one of {ck.BACKENDS} or None, "
                              f"got {kernels_backend!r}")
@@ -119,6 +123,10 @@ class CEPOGRPOTrainer(GRPOTrainer):
         for name, unsupported in checks:
             if unsupported:
                 raise ValueError(f"{name}: not supported by cepo's fused PPO loss{fix}")
+        if self.cepo.enabled and getattr(self, "environment_factories", None) is not None:
+            raise ValueError("cepo_lambda0 > 0 with environment_factory: CEPO's teacher contexts "
+                             "are built from single-turn prompts; set cepo_lambda0=0 (fused "
+                             "GRPO) or use trl.GRPOTrainer")
         if getattr(self, "_is_vlm", False):
             raise ValueError(f"vision-language models are not supported by the TRL adapter{fix}")
         install_head_hook(self.model)  # raises ValueError for heads the kernels cannot reproduce

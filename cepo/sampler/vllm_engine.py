@@ -14,11 +14,12 @@ Weights go in through ``collective_rpc`` into a worker extension
 (``WeightSyncExtension``), which reaches the model through
 ``model_runner.get_model()``. ``collective_rpc`` is the public route that works with
 and without V1 multiprocessing; ``LLM.llm_engine`` exists in V1 too, but its
-``model_executor`` is an in-process-only internal (vLLM #16434), so it is not used.
+``model_executor`` is an internal that only exists in-process, so it is not used.
 
 What vLLM does not check is checked here, on the driver, before anything is sent:
 parameter names and shapes come from the checkpoint's safetensors headers (vLLM's
-``load_weights`` raises KeyError on an unknown name mid-way, or skips it silently, e.g.
+``load_weights`` raises mid-way on an unknown name (ValueError from its
+``AutoWeightsLoader``, KeyError from models with their own loop), or skips it silently, e.g.
 ``lm_head.weight`` of a tied model), and stop tokens are the tokenizer's EOS plus the
 EOS ids of ``generation_config.json``, passed as ``stop_token_ids`` and cut off the
 returned ``token_ids`` (which, in vLLM, include the stop token).

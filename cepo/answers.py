@@ -63,15 +63,15 @@ def extract_boxed(text: str) -> str | None:
     return text[best_span[0]:best_span[1]].strip()
 
 
-_NUMBER_RE = re.compile(r"(?<![\d.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![\d.])-?\d+(?:\.\d+)?")
+_NUMBER_RE = re.compile(r"(?<![\d.,])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|,\d)|(?<![\d.])-?\d+(?:\.\d+)?")
 
 
 def extract_last_number(text: str) -> str | None:
     """The last number in ``text``, as a plain string, or None.
 
-    Accepts: an optional leading ``-`` directly before the digits, digits, an optional
-    decimal part (``3.5``), and thousands separators in groups of three (``1,234`` gives
-    ``1234``). Nothing else: no fractions (``1/2`` gives ``2``), no ``\\frac``, no
+    Accepts: an optional ``-`` directly before the digits, taken as a sign unless it
+    follows a digit ("x = -3" gives ``-3``, "10-3" gives ``3``), digits, an optional decimal part (``3.5``), and thousands
+    separators in groups of three (``1,234`` gives ``1234``; "1,234, then" too). Nothing else: no fractions (``1/2`` gives ``2``), no ``\\frac``, no
     exponents, no percent sign (``50%`` gives ``50``), no words. A number with more
     than MAX_DIGITS digits is returned as is (the verifier refuses it).
     """

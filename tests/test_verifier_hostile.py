@@ -76,3 +76,21 @@ def test_timeout_log_line_is_cut_and_the_replacement_is_a_fork_of_the_server(cap
         with open(f"/proc/{replacement}/stat") as f:
             parent = int(f.read().rsplit(")", 1)[1].split()[1])
         assert parent != os.getpid()  # forked by the forkserver, which preloaded math-verify
+
+
+def test_forkserver_preloads_what_children_reimport(monkeypatch):
+    import types
+
+    from cepo import verifier
+
+    script = types.ModuleType("__main__")
+    script.__file__ = "/somewhere/cepo-train"
+    script.__spec__ = None
+    script.os = os
+    script.main = verifier.score_one          # as in "from cepo.verifier import score_one"
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert verifier._main_imports() == ["cepo.verifier", "os"]
+    script.__spec__ = types.SimpleNamespace(name="cepo.train")  # python -m cepo.train
+    assert verifier._main_imports() == ["cepo.train"]
+    script.__spec__ = types.SimpleNamespace(name="pytest.__main__")  # children skip it
+    assert verifier._main_imports() == []

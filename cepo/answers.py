@@ -25,12 +25,13 @@ _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\{|[{}]")
 MAX_RESPONSE_CHARS = 500_000      # a longer response is refused whole ("too_long")
 MAX_WHOLE_TEXT_CHARS = 50_000     # math_verify mode parses the whole text: tighter
 MAX_ANSWER_CHARS = 1_000          # an extracted answer longer than this: "too_long"
-MAX_DEPTH = 16                    # nesting of {} () [] ("too_complex" beyond)
+MAX_DEPTH = 10                    # nesting of {} () [] ("too_complex" beyond)
 MAX_DIGITS = 100                  # digits in one number literal
 MAX_EXPONENT = 10_000             # |exponent| of a power with a numeric base
 MAX_SYMBOLIC_EXPONENT = 200       # |exponent| of a power whose base has a symbol
 MAX_FACTORIAL = 1_000             # n in n! (and in \binom{n}{k})
 MAX_VALUE_DIGITS = 20_000         # digits of the whole answer's value (upper bound)
+MAX_TERMS = 100                   # terms once sums, products and powers are expanded
 
 
 def extract_boxed(text: str) -> str | None:
@@ -62,15 +63,15 @@ def extract_boxed(text: str) -> str | None:
     return text[best_span[0]:best_span[1]].strip()
 
 
-_NUMBER_RE = re.compile(r"(?<![\d.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![\d.])-?\d+(?:\.\d+)?")
+_NUMBER_RE = re.compile(r"(?<![\d.,])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|,\d)|(?<![\d.])-?\d+(?:\.\d+)?")
 
 
 def extract_last_number(text: str) -> str | None:
     """The last number in ``text``, as a plain string, or None.
 
-    Accepts: an optional leading ``-`` directly before the digits, digits, an optional
-    decimal part (``3.5``), and thousands separators in groups of three (``1,234`` gives
-    ``1234``). Nothing else: no fractions (``1/2`` gives ``2``), no ``\\frac``, no
+    Accepts: an optional ``-`` directly before the digits, taken as a sign unless it
+    follows a digit ("x = -3" gives ``-3``, "10-3" gives ``3``), digits, an optional decimal part (``3.5``), and thousands
+    separators in groups of three (``1,234`` gives ``1234``; "1,234, then" too). Nothing else: no fractions (``1/2`` gives ``2``), no ``\\frac``, no
     exponents, no percent sign (``50%`` gives ``50``), no words. A number with more
     than MAX_DIGITS digits is returned as is (the verifier refuses it).
     """
@@ -128,6 +129,8 @@ def has_disjunction(answer: str) -> bool:
 _TOKEN_RE = re.compile(
     r"\\[a-zA-Z]+|\\.|\d+(?:\.\d+)?|\.\d+|\*\*|[a-zA-Z]|[{(\[]|[})\]]|[\^!]|\s+|.", re.S)
 _OPEN, _CLOSE = set("{([") | {"\\{"}, set("})]") | {"\\}"}
+_ADDITIVE = {"+", "-", "=", ",", ";", "<", ">", "&", "\\\\", "\\pm", "\\mp", "\\le", "\\ge",
+             "\\leq", "\\geq", "\\neq", "\\ne", "\\cup", "\\cap", "\\lor", "\\vee"}
 _FRACS = {"\\frac", "\\dfrac", "\\tfrac", "\\cfrac"}
 _BINOMS = {"\\binom", "\\dbinom", "\\tbinom", "\\choose"}
 _NEUTRAL = {"\\right", "\\left", "\\cdot", "\\times", "\\div", "\\,", "\\;", "\\!", "\\ ",
@@ -156,11 +159,14 @@ class _SizeBound:
     recursive descent over LaTeX tokens. A size is log10 of max(|x|, 1/|x|) (how many
     digits an exact value needs either way); a symbol counts as 10. Sums and products
     add sizes (plus log10 of the count), a power multiplies the base's size by the
-    exponent's value bound (so ``2^{2^{2^{2}}}`` is sized exactly), n! is n log10 n. Every power's exponent and every factorial's
+    exponent's value bound (so ``2^{2^{2^{2}}}`` is sized exactly). It also counts the
+    terms the expression has once expanded (a sum adds its operands' counts, a product
+    multiplies them, ``(a + b)^k`` has C(k + 1, 1) of them): sympy's time grows with it., n! is n log10 n. Every power's exponent and every factorial's
     argument is checked against its limit on the way: a power tower is refused at the
     first exponent that is too big, without computing anything large."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, count_terms: bool = True):
+        self.count_terms = count_terms
         self.toks = [t for t in _TOKEN_RE.findall(text.replace("\\left", " ").replace("\\right", " "))
                      if not t.isspace()]
         self.i = 0
@@ -168,35 +174,51 @@ class _SizeBound:
     def peek(self):
         return self.toks[self.i] if self.i < len(self.toks) else None
 
-    def seq(self, top: bool = False) -> tuple[float, bool]:
+    def seq(self, top: bool = False) -> tuple[float, bool, int]:
         total, count, symbolic = 0.0, 0, False
+        terms, product = 0, 1   # terms of the sum so far; of the current product
         while self.i < len(self.toks):
-            if self.toks[self.i] in _CLOSE:
+            tok = self.toks[self.i]
+            if tok in _CLOSE:
                 self.i += 1
                 if top:
                     continue
                 break
-            size, sym = self.chain()
+            if tok in _ADDITIVE:
+                self.i += 1
+                terms, product = self._terms(terms + product), 1
+                continue
+            size, sym, t = self.chain()
             total += size
             count += 1
             symbolic |= sym
-        return total + math.log10(max(count, 1)), symbolic
+            product = self._terms(product * t)
+        return total + math.log10(max(count, 1)), symbolic, self._terms(terms + product)
 
-    def chain(self) -> tuple[float, bool]:
+    def _terms(self, n: int) -> int:
+        if self.count_terms and n > MAX_TERMS:
+            raise _Refused("too_complex", f"more than {MAX_TERMS} terms once expanded")
+        return n
+
+    def chain(self) -> tuple[float, bool, int]:
         atoms = [self.atom()]
         while self.peek() in ("^", "**"):
             self.i += 1
             atoms.append(self.atom())
-        size, sym = atoms[-1]
-        for base_size, base_sym in reversed(atoms[:-1]):  # right-associative: a^(b^c)
+        size, sym, terms = atoms[-1]
+        for base_size, base_sym, base_terms in reversed(atoms[:-1]):  # right-assoc: a^(b^c)
             limit = MAX_SYMBOLIC_EXPONENT if base_sym else MAX_EXPONENT
             if size > math.log10(limit):
                 raise _Refused("too_complex", f"exponent of about 10^{size:.0f} > {limit}")
-            size, sym = (10 ** size) * base_size, base_sym or sym
+            k = math.ceil(10 ** size)
+            # (a + b + ...)^k expands to C(k + t - 1, t - 1) terms; a symbolic exponent
+            # does not expand
+            terms = base_terms if sym else self._terms(math.comb(k + base_terms - 1, base_terms - 1))
+            size, sym = k * base_size, base_sym or sym
         while self.peek() == "!":
             self.i += 1
             size = self._factorial(size)
-        return size, sym
+        return size, sym, terms
 
     @staticmethod
     def _factorial(size: float) -> float:
@@ -208,26 +230,26 @@ class _SizeBound:
     def atom(self) -> tuple[float, bool]:
         tok = self.peek()
         if tok is None or tok in _CLOSE:
-            return 0.0, False
+            return 0.0, False, 1
         self.i += 1
         if tok[0].isdigit() or (tok[0] == "." and len(tok) > 1):
             digits = sum(c.isdigit() for c in tok)
             if digits > MAX_DIGITS:
                 raise _Refused("too_complex", f"a number with {digits} digits > {MAX_DIGITS}")
             value = float(tok) if digits < 300 else 10.0 ** digits
-            return (abs(math.log10(value)) if value > 0 else 0.0), False
+            return (abs(math.log10(value)) if value > 0 else 0.0), False, 1
         if tok in _OPEN:
             return self.seq()
         if tok in _FRACS:
-            (a, sa), (b, sb) = self.atom(), self.atom()
-            return a + b, sa or sb
+            (a, sa, ta), (b, sb, tb) = self.atom(), self.atom()
+            return a + b, sa or sb, self._terms(ta + tb)
         if tok in _BINOMS:
-            (n, sn), (k, sk) = self.atom(), self.atom()
+            (n, sn, tn), (k, sk, tk) = self.atom(), self.atom()
             self._factorial(n)
-            return (10 ** n) * 0.302 + k, sn or sk
+            return (10 ** n) * 0.302 + k, sn or sk, self._terms(tn + tk)
         if tok in _NEUTRAL or not (tok[0].isalpha() or tok[0] == "\\"):
-            return 0.0, False
-        return 1.0, True  # a letter or a command: a symbol, pi, \infty, \sin ...
+            return 0.0, False, 1
+        return 1.0, True, 1  # a letter or a command: a symbol, pi, \infty, \sin ...
 
 
 def answer_limits(answer: str, *, whole_text: bool = False) -> tuple[str, str] | None:
@@ -238,9 +260,10 @@ def answer_limits(answer: str, *, whole_text: bool = False) -> tuple[str, str] |
     ``whole_text``, the math_verify mode) or "too_complex" (nesting deeper than
     MAX_DEPTH; a number literal with more than MAX_DIGITS digits; a power whose exponent
     may exceed MAX_EXPONENT, or MAX_SYMBOLIC_EXPONENT when the base has a symbol; a
-    factorial or binomial of more than MAX_FACTORIAL; a value that may need more than
-    MAX_VALUE_DIGITS digits, not checked for whole texts, whose prose juxtaposes every
-    number). Costs microseconds per character; never evaluates anything large.
+    factorial or binomial of more than MAX_FACTORIAL; more than MAX_TERMS terms once
+    sums, products and powers are expanded, and a value that may need more than
+    MAX_VALUE_DIGITS digits, these two not checked for whole texts, whose prose
+    juxtaposes every number). Costs microseconds per character; never evaluates anything large.
     """
     limit = MAX_WHOLE_TEXT_CHARS if whole_text else MAX_ANSWER_CHARS
     if len(answer) > limit:
@@ -249,7 +272,7 @@ def answer_limits(answer: str, *, whole_text: bool = False) -> tuple[str, str] |
     if depth > MAX_DEPTH:
         return "too_complex", f"nesting depth {depth} > {MAX_DEPTH}"
     try:
-        size, _ = _SizeBound(answer).seq(top=True)
+        size, _, _ = _SizeBound(answer, count_terms=not whole_text).seq(top=True)
     except _Refused as e:
         return e.status, str(e)
     if not whole_text and size > MAX_VALUE_DIGITS:

@@ -47,20 +47,45 @@ def check_supported(config, model: nn.Module | None = None) -> None:
                              "hidden @ W.T only")
 
 
-def default_attn_implementation(device: torch.device | str) -> str:
-    """"flash_attention_2" when flash-attn is installed and importable and ``device`` is
-    CUDA, else "sdpa". Both are exact on packed rows (see body_hidden_states)."""
-    if torch.device(device).type != "cuda":
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def default_attn_implementation(device: torch.device | str,
+                                compute_dtype: torch.dtype | None = None) -> str:
+    """The attention implementation to load a model with, given where and in which dtype
+    its attention will run.
+
+    "flash_attention_2" only when ``device`` is CUDA, ``compute_dtype`` is bfloat16 or
+    float16 (flash-attn refuses float32) and flash-attn imports; else "sdpa". Under an
+    FSDP2 bf16 mixed-precision policy the compute dtype is bfloat16 even though the
+    model is loaded in float32: pass the dtype attention runs in, not the load dtype.
+    ``compute_dtype=None`` counts as float32 (the safe choice: SDPA runs every dtype).
+    Both are exact on packed rows (see body_hidden_states).
+    """
+    if torch.device(device).type != "cuda" or compute_dtype not in _HALF_DTYPES:
         return "sdpa"
+    return "flash_attention_2" if _flash_attn_importable() else "sdpa"
+
+
+def _flash_attn_importable() -> bool:
     from transformers.utils import is_flash_attn_2_available
 
     if not is_flash_attn_2_available():
-        return "sdpa"
+        return False
     try:  # installed but built against another torch / CUDA: fall back, don't crash later
         import flash_attn  # noqa: F401
     except (ImportError, OSError, RuntimeError):
-        return "sdpa"
-    return "flash_attention_2"
+        return False
+    return True
+
+
+def check_attn_implementation(attn_implementation: str, compute_dtype: torch.dtype) -> None:
+    """Raise ValueError when an explicitly requested implementation cannot run in
+    ``compute_dtype``: flash-attention kernels take bfloat16 / float16 only."""
+    if "flash" in attn_implementation and compute_dtype not in _HALF_DTYPES:
+        raise ValueError(f"config: attn_implementation={attn_implementation!r} needs bfloat16 "
+                         f"or float16 compute, but attention runs in {compute_dtype}; use "
+                         "attn_implementation 'sdpa' or dtype bfloat16")
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32,
@@ -113,26 +138,84 @@ def _is_flash(config) -> bool:
     return impl is not None and "flash" in impl
 
 
+def block_causal_mask(batch: PackedBatch, device: torch.device | str | None = None) -> torch.Tensor:
+    """[T, T] bool: query i may attend key j iff both lie in the same packed sequence and
+    j <= i. Built from ``batch.cu_seqlens`` alone (position ids play no part)."""
+    t = batch.num_tokens
+    device = batch.input_ids.device if device is None else device
+    lens = torch.as_tensor(batch.seq_lens, dtype=torch.long, device=device)
+    seq = torch.repeat_interleave(torch.arange(len(batch.seq_lens), device=device), lens)
+    pos = torch.arange(t, device=device)
+    return (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+def packed_attention_kwargs(config, batch: PackedBatch, compute_dtype: torch.dtype) -> dict:
+    """Keyword arguments for the decoder body that confine attention to each packed
+    sequence, given explicitly, for every attention implementation transformers >= 5.10
+    runs packed rows with:
+
+    - flash-attention ("flash" in the name): ``cu_seq_lens_q/k`` [B + 1] int32 and
+      ``max_length_q/k`` (ints), the varlen call; no mask.
+    - "sdpa": ``attention_mask`` [1, 1, T, T] bool block-diagonal causal (True = attend).
+    - "eager": the same as an additive mask in ``compute_dtype`` (0 / dtype min).
+    - "flex_attention": a BlockMask of the same pattern.
+
+    A 4-D mask is used by transformers as given (no mask building, no boundary
+    inference from position ids), so exactness does not depend on its minor version.
+    The T x T mask costs what transformers' own packed sdpa / eager mask costs.
+    """
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    device = batch.input_ids.device
+    if "flash" in impl:
+        cu = batch.cu_seqlens.to(device, torch.int32)
+        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch.max_seqlen),
+                    max_length_k=int(batch.max_seqlen))
+    if impl == "sdpa":
+        return dict(attention_mask=block_causal_mask(batch)[None, None])
+    if impl == "eager":
+        allowed = block_causal_mask(batch)[None, None]
+        additive = torch.zeros(allowed.shape, dtype=compute_dtype, device=device)
+        return dict(attention_mask=additive.masked_fill_(~allowed, torch.finfo(compute_dtype).min))
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        lens = torch.as_tensor(batch.seq_lens, dtype=torch.long, device=device)
+        seq = torch.repeat_interleave(torch.arange(len(batch.seq_lens), device=device), lens)[None]
+
+        def same_sequence_causal(b, h, q_idx, kv_idx):
+            return (seq[b, q_idx] == seq[b, kv_idx]) & (kv_idx <= q_idx)
+
+        t = batch.num_tokens
+        return dict(attention_mask=create_block_mask(same_sequence_causal, B=1, H=None,
+                                                     Q_LEN=t, KV_LEN=t, device=device,
+                                                     _compile=True))
+    raise ValueError(f"model: attn_implementation {impl!r} cannot run packed rows (no way to "
+                     "pass sequence boundaries to it); use 'sdpa', 'eager', 'flex_attention' "
+                     "or 'flash_attention_2'")
+
+
 def body_hidden_states(body: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """[T, H] final hidden states (after the final norm) of one packed row.
 
-    Runs the body with ``position_ids``, ``use_cache=False`` and no attention mask:
-    transformers 5.23 then derives the sequence boundaries from the position ids and
-    attention stays within each sequence (with a mask, or with the default cache, it
-    silently leaks across sequences). Flash-attention implementations also get the
-    varlen kwargs (cu_seq_lens_q/k, max_length_q/k), which skips transformers'
-    per-layer boundary inference from position ids.
+    The sequence boundaries are passed explicitly (packed_attention_kwargs: varlen
+    cu_seqlens for flash-attention, a 4-D block-diagonal causal mask otherwise), so
+    attention stays within each sequence whatever transformers would infer from the
+    position ids; ``position_ids`` restart per sequence for the rotary embedding, and
+    ``use_cache=False`` (a cache would change the mask path).
     """
     if batch.input_ids.dim() != 2 or batch.input_ids.shape[0] != 1:
         raise ValueError(f"body_hidden_states: input_ids must be one packed row [1, T], got "
                          f"{tuple(batch.input_ids.shape)} (use pack_sequences)")
     if batch.position_ids.shape != batch.input_ids.shape:
         raise ValueError("body_hidden_states: position_ids must have the shape of input_ids")
-    kwargs = {}
-    if _is_flash(body.config):
-        cu = batch.cu_seqlens.to(batch.input_ids.device, torch.int32)
-        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch.max_seqlen),
-                      max_length_k=int(batch.max_seqlen))
+    if int(batch.cu_seqlens[-1]) != batch.num_tokens or sum(batch.seq_lens) != batch.num_tokens:
+        raise ValueError(f"body_hidden_states: cu_seqlens / seq_lens cover "
+                         f"{int(batch.cu_seqlens[-1])} / {sum(batch.seq_lens)} tokens, the row "
+                         f"has {batch.num_tokens} (use pack_sequences)")
+    # the dtype attention scores are computed in: the embedding's, which under an FSDP2
+    # mixed-precision policy is the unsharded (bf16) parameter during the forward
+    compute_dtype = body.get_input_embeddings().weight.dtype
+    kwargs = packed_attention_kwargs(body.config, batch, compute_dtype)
     out = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                **kwargs)
     return out.last_hidden_state[0]

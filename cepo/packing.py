@@ -1,10 +1,11 @@
 """Padding-free sequence packing: micro-batches filled to a token budget, balanced across ranks.
 
 Sequences are concatenated into one row ``[1, T]`` with ``position_ids`` reset to 0 at each
-sequence start. Transformers (5.x) derives the sequence boundaries from the position ids
-when the forward gets no attention mask and no cache (eager / sdpa / flex build a
-block-diagonal causal mask; flash-attn gets ``cu_seqlens``), so attention never crosses
-sequences: tests/test_packing.py checks packed == one by one.
+sequence start (for the rotary embedding) and their boundaries in ``cu_seqlens``. The
+model is given the boundaries explicitly (cepo.model.packed_attention_kwargs: varlen
+``cu_seqlens`` for flash-attn, a block-diagonal causal mask for sdpa / eager / flex), so
+attention never crosses sequences on any supported transformers version:
+tests/test_packing.py checks packed == one by one.
 
 Planning works on lengths only, so every rank can compute the same plan:
 
@@ -168,8 +169,8 @@ def padding_micro_batch(pad_id: int) -> tuple[PackedBatch, torch.Tensor, torch.T
     A 2-token row of ``pad_id`` whose one "response" token the caller must give zero
     weight (mask False / advantage 0), so the loss is exactly 0 yet every parameter,
     the LM head included, gets a (zero) gradient: FSDP2's reduce-scatters then match
-    the other ranks'. Not a 0-token row: transformers 5.23 cannot run one (IndexError
-    in its packed-sequence detection).
+    the other ranks'. Not a 0-token row: transformers cannot run one (IndexError in
+    its packed-sequence detection, 5.23).
     """
     batch = pack_sequences([[pad_id, pad_id]])
     index, targets = response_gather_index(batch, [1], [1])

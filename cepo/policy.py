@@ -63,7 +63,12 @@ def shard(policy: FusedHeadPolicy, device: torch.device, *, bf16: bool, cpu_offl
     """FSDP2: fully_shard each decoder block, then the root (embeddings, norm, head).
 
     bf16 parameters with fp32 gradient reduction when ``bf16`` (the CUDA default); fp32
-    otherwise. Works for a world of one too, so one code path serves every launch.
+    otherwise. The root does not cast its forward inputs: the ``ppo=`` dict carries fp32
+    old_logprobs / token_advantages / ref_logprobs that the fused loss must see unrounded
+    (bf16 would put ~0.4% errors into the ratio exp(lp - old) and swamp the k3 KL); the
+    root's own compute still runs in bf16 (its parameters are cast), and every decoder
+    block casts its inputs as usual. Works for a world of one too, so one code path
+    serves every launch.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -75,14 +80,18 @@ def shard(policy: FusedHeadPolicy, device: torch.device, *, bf16: bool, cpu_offl
                          "keeps everything there)")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs = dict(mesh=mesh)
+    root_kwargs = dict(mesh=mesh)
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                    reduce_dtype=torch.float32)
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                        reduce_dtype=torch.float32,
+                                                        cast_forward_inputs=False)
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = root_kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(policy.base):
         fully_shard(layer, **kwargs)
-    fully_shard(policy, **kwargs)
+    fully_shard(policy, **root_kwargs)
     return policy
 
 

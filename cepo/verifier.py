@@ -27,7 +27,9 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing as mp
+import sys
 import time
+import types
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -224,14 +226,42 @@ def _worker(conn, reward_fn_spec, format_reward, answer_extraction):
             conn.send((0.0, False, f"error:{type(e).__name__}: {shorten(e, 200)}", None))
 
 
+def _main_imports() -> list[str]:
+    """The modules a child of multiprocessing will import when it re-runs the parent's
+    main module: the main module itself when run with ``-m`` (``python -m cepo.train``,
+    torchrun -m), else, for a script run by path (a console script, bench/...py), the
+    modules its namespace came from (``from cepo.train import main`` gives cepo.train).
+    Empty when children skip the main module (``-c``, interactive, a package __main__)."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return []
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return [] if name == "__main__" or name.endswith(".__main__") else [name]
+    if getattr(main, "__file__", None) is None:
+        return []
+    names = set()
+    for value in list(vars(main).values()):
+        module = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(module, str):
+            names.add(module)
+    return sorted(names - {"__main__", "builtins"})
+
+
 def _context():
     """A forkserver context whose server has imported math-verify (each worker, and each
-    replacement of a killed one, is a fork of it); spawn where forkserver is missing."""
+    replacement of a killed one, is a fork of it); spawn where forkserver is missing.
+
+    A child of multiprocessing re-runs the parent's main module (``python -m cepo.train``
+    re-imports cepo.train, hence torch: seconds per replaced worker). The server
+    preloads what that costs (``_main_imports``), so a child finds its imports done. The
+    preload list is read when the server starts (the first Verifier of the process)."""
     try:
         ctx = mp.get_context("forkserver")
     except ValueError:
         return mp.get_context("spawn")
-    ctx.set_forkserver_preload(["math_verify", "sympy", "cepo.answers", "cepo.verifier"])
+    ctx.set_forkserver_preload(["math_verify", "sympy", "cepo.answers", "cepo.verifier",
+                                *_main_imports()])
     return ctx
 
 

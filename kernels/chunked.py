@@ -42,12 +42,64 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+FP16_COMPUTE_ON_CPU = False
+"""Multiply fp16 inputs in fp16 on CPU too (slow; tests use it to exercise the scaled
+fp16 gradient tile that CUDA uses)."""
+
+
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """Operand dtype of the products: the input dtype, except fp16 off CUDA (fp32: the CPU
-    fp16 GEMM is slow, and an fp16 gradient tile would underflow)."""
-    if dtype == torch.float16 and device.type != "cuda":
+    fp16 GEMM is slow)."""
+    if dtype == torch.float16 and device.type != "cuda" and not FP16_COMPUTE_ON_CPU:
         return torch.float32
     return dtype
+
+
+def grad_scale(a, b, c, dtype):
+    """Scale for an fp16 gradient tile, or None for other dtypes: a power of two (0-dim
+    tensor, no host sync) that brings the largest possible |dz| of the chunk to about 1.
+
+    dz_j = a onehot_j + p_j (b - c log p_j) is bounded by |a| + |b| + |c| / e (p |log p|
+    <= 1/e). A PPO coefficient is A r / (kept tokens) ~ 1e-4, times p_j ~ 1 / V: far
+    below fp16's smallest subnormal (6e-8) unscaled. dh and dW are divided back in fp32.
+    """
+    if dtype != torch.float16:
+        return None
+    bound = a.abs() + b.abs()
+    if c is not None:
+        bound = bound + c.abs()
+    top = bound.amax().clamp_min(1e-30) if bound.numel() else bound.new_ones(())
+    return torch.exp2(torch.floor(-torch.log2(top)))
+
+
+def _mm(x, y):
+    """x @ y, in fp32 output for low-precision operands where the library offers it
+    (CUDA: bf16 / fp16 operands, fp32 accumulation and output); else in x's dtype."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda:
+        try:
+            return torch.mm(x, y, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return x @ y
+
+
+def gradient_products(gd, h_c, w, scale, dw32, need_dh=True):
+    """The two gradient products of one chunk: returns dh_c = dz W [r, H] and adds
+    dz^T h to dw32 [V, H]. gd: dz [r, V] in the compute dtype, multiplied by scale
+    (fp16) or not (scale None); dw32: the fp32 (or weight-dtype) accumulator, or None.
+    Returns None instead of dh_c when need_dh is False."""
+    dh_c = None
+    if need_dh:
+        dh_c = _mm(gd, w)
+        if scale is not None:
+            dh_c = dh_c.float().div_(scale)
+    if dw32 is not None:
+        if dw32.dtype == gd.dtype and scale is None:
+            dw32.addmm_(gd.T, h_c)
+        else:  # low-precision product, fp32 accumulation across chunks
+            part = _mm(gd.T, h_c)
+            dw32.add_(part if scale is None else part.float().div_(scale))
+    return dh_c
 
 
 def rows_per_chunk(num_rows: int, vocab: int) -> int:
@@ -133,30 +185,28 @@ def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
     return lp, lse, ent
 
 
-def _grad_products(g, head, r0, r1, y_c, a_c, active, dh, dw32):
+def _grad_products(g, head, r0, r1, y_c, a_c, active, dh, dw32, scale=None):
     """dh[r0:r1] = dz W and dW += dz^T h for one chunk, g [r, V] (acc) holding
     p (b - c (z - lse)) / T; a_c [r] (already / T) is added at the targets here.
 
     active: None (every row) or the indices of the rows with a nonzero coefficient.
+    scale: the fp16 gradient scale (:func:`grad_scale`) or None.
     """
     rows = torch.arange(g.shape[0], device=g.device)
     g[rows, y_c] += a_c
     h_c = head.h[r0:r1]
     if active is not None:
         g, h_c = g.index_select(0, active), h_c.index_select(0, active)
+    if scale is not None:
+        g.mul_(scale)
     gd = g if g.dtype == head.dtype else g.to(head.dtype)
     del g
+    dh_c = gradient_products(gd, h_c, head.w, scale, dw32, need_dh=dh is not None)
     if dh is not None:
-        dh_c = gd @ head.w  # [r, H]
         if active is None:
             dh[r0:r1] = dh_c
         else:
             dh[r0:r1].index_copy_(0, active, dh_c.to(dh.dtype))
-    if dw32 is not None:
-        if dw32.dtype == gd.dtype:
-            dw32.addmm_(gd.T, h_c)
-        else:  # low-precision product, fp32 accumulation across chunks
-            dw32.add_(gd.T @ h_c)
 
 
 def _active_rows(coef: torch.Tensor, device) -> torch.Tensor | None:
@@ -219,7 +269,8 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
         if active is not None and active.numel() == 0:
             continue
         g = ls.exp_().mul_(-coef[:, None])  # -coef p, in place
-        _grad_products(g, head, r0, r1, y[r0:r1], coef, active, dh, dw32)
+        scale = grad_scale(coef, coef, None, head.dtype)
+        _grad_products(g, head, r0, r1, y[r0:r1], coef, active, dh, dw32, scale)
         del g, ls
     return lp, lse, ent, dh, _finish_dw(dw32, weight)
 
@@ -259,7 +310,8 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
         else:
             g = zc.exp_().mul_(b[r0:r1, None])
         del zc
-        _grad_products(g, head, r0, r1, y[r0:r1], a[r0:r1], active, dh, dw32)
+        scale = grad_scale(a[r0:r1], b[r0:r1], None if c is None else c[r0:r1], head.dtype)
+        _grad_products(g, head, r0, r1, y[r0:r1], a[r0:r1], active, dh, dw32, scale)
         del g
     return dh, _finish_dw(dw32, weight)
 

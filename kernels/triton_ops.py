@@ -1,11 +1,19 @@
 """Triton engine: launches the kernels of ``triton_kernels`` (CUDA, or CPU under the interpreter).
 
-Provides ``head_forward`` / ``head_backward`` for the generic autograd wrappers, and
-``contrastive_evidence`` as ONE launch (three contexts + epilogue).
+- ``head_forward`` / ``contrastive_evidence``: ONE launch of ``stacked_fwd_kernel`` for
+  the K contexts (three plus the CEPO epilogue for the evidence), grouped rasterisation,
+  the split count a runtime argument; a small autotune list on CUDA (keyed on V and H,
+  not N), one fixed small configuration under the interpreter.
+- ``head_forward_grad`` (the PPO loss) in THREE products per row chunk: the logits chunk
+  from the library GEMM (fp32 output, bf16 / fp16 operands on CUDA), ``row_stats_kernel``
+  (log-prob, logsumexp, entropy), the gradient coefficient in PyTorch ([rows] vectors),
+  ``dz_kernel`` (dz in the compute dtype, scaled for fp16), then dh = dz W and
+  dW += dz^T h as library GEMMs (``chunked.gradient_products``). No atomics, so the
+  result is deterministic.
+- ``head_backward`` (the log-prob op): the same, with the logits recomputed (four products)
+  and their logsumexp re-reduced (one more read of the chunk) so p is consistent with them.
 
-Determinism: the backward accumulates dh and dW with fp32 atomics, whose order varies
-from run to run. When ``torch.use_deterministic_algorithms(True)`` is set, the backward
-runs the chunked engine instead (sequential tile loops: bitwise reproducible).
+No op reads device data on the host (no synchronisation).
 """
 
 from __future__ import annotations
@@ -17,25 +25,26 @@ import triton
 
 from . import backend, chunked
 from ._types import Evidence
-from .triton_kernels import logprob_bwd_kernel, logprob_fwd_kernel
+from .triton_kernels import dz_kernel, row_stats_kernel, stacked_fwd_kernel
 
 FORCE_NUM_SPLITS: int | None = None
 """Tests set this to exercise the multi-split (atomic ticket) path of the forward kernel."""
+
+GPU_CHUNK_BYTES = 2 << 30
+"""Logits chunk budget of the three-product path on CUDA (fp32 chunk plus its dz):
+a few thousand rows at V = 152k, so the dW accumulator is read and written a few times only."""
+
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, GROUP_M=2)
+CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_V, BLOCK_D, warps, stages): 128-row MMAs and smaller fallbacks
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 2), (64, 128, 64, 4, 4),
+]
+ROW_BLOCK = dict(BLOCK_R=4, BLOCK_V=1024)
+ROW_BLOCK_INTERPRET = dict(BLOCK_R=4, BLOCK_V=32)
 
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _blocks(device: torch.device, k: int, kind: str) -> dict:
-    """Tile sizes and launch options; small tiles under the CPU interpreter."""
-    if device.type != "cuda":
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
-    if kind == "fwd":
-        return dict(BLOCK_N=64, BLOCK_V=128 if k == 1 else 64, BLOCK_D=64, num_warps=8,
-                    num_stages=3)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -53,14 +62,36 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _num_splits(device: torch.device, n_row_blocks: int, vocab: int, block_v: int) -> int:
-    """Vocabulary splits so that rows x splits programs fill the GPU (about 2 waves)."""
+def _compiled(device: torch.device) -> bool:
+    return device.type == "cuda" and not backend.interpreting()
+
+
+@functools.cache
+def _autotuned_forward():
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_V=v, BLOCK_D=d, GROUP_M=8), num_warps=w,
+                             num_stages=st) for m, v, d, w, st in CUDA_CONFIGS]
+    # the ticket counters must start at zero on every autotuning trial
+    return triton.autotune(configs=configs, key=["V", "D"], reset_to_zero=["ticket_ptr"])(
+        stacked_fwd_kernel)
+
+
+def _forward_kernel(device: torch.device):
+    """(kernel, explicit meta-parameters, largest BLOCK_V, smallest BLOCK_M)."""
+    if _compiled(device):
+        return (_autotuned_forward(), {}, max(c[1] for c in CUDA_CONFIGS),
+                min(c[0] for c in CUDA_CONFIGS))
+    cfg = INTERPRETER_CONFIG
+    return stacked_fwd_kernel, dict(cfg), cfg["BLOCK_V"], cfg["BLOCK_M"]
+
+
+def num_splits(device: torch.device, row_blocks: int, vocab: int, block_v: int) -> int:
+    """Vocabulary splits so that row blocks x splits programs fill the GPU (about 2 waves)."""
     if FORCE_NUM_SPLITS is not None:
         return max(1, min(FORCE_NUM_SPLITS, triton.cdiv(vocab, block_v)))
     if device.type != "cuda":
         return 1
-    target = 2 * _num_sms(device.index or 0)
-    return max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(target, n_row_blocks)))
+    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(target, max(1, row_blocks))))
 
 
 def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=None):
@@ -74,20 +105,22 @@ def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=
     vocab = weight.shape[0]
     device = weight.device
     _check_dtype(weight.dtype)
-    hiddens = [_row_major(h) for h in hiddens]
+    h = _row_major(hiddens[0])[None] if k == 1 else torch.stack(hiddens)  # [K, N, H]
     weight = _row_major(weight)
-    cfg = _blocks(device, k, "fwd")
-    n_row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    splits = _num_splits(device, n_row_blocks, vocab, cfg["BLOCK_V"])
-    vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    kernel, meta, max_block_v, min_block_m = _forward_kernel(device)
+    row_blocks = k * triton.cdiv(n, 128 if _compiled(device) else min_block_m)
+    splits = num_splits(device, row_blocks, vocab, max_block_v)
+    vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), max_block_v) * max_block_v
     splits = triton.cdiv(vocab, vocab_per_split)  # no empty split
+    direct = splits == 1 and epilogue is None
 
     f32 = dict(dtype=torch.float32, device=device)
     lp = torch.empty(k, n, **f32)
     lse = torch.empty(k, n, **f32)
     ent = torch.empty(k, n, **f32) if with_entropy else lse
-    part = torch.empty(splits * k * 4 * n if splits > 1 else 1, **f32)
-    ticket = torch.zeros(n_row_blocks if splits > 1 else 1, dtype=torch.int32, device=device)
+    n_pad = triton.cdiv(n, min_block_m) * min_block_m  # the largest padding any BLOCK_M needs
+    part = torch.empty(1 if direct else splits * k * 4 * (n_pad + 128), **f32)
+    ticket = torch.zeros(triton.cdiv(n, min_block_m), dtype=torch.int32, device=device)
     if epilogue is not None:
         adv, has_neg, lam, eps_w = epilogue
         adv = adv.contiguous()
@@ -98,14 +131,16 @@ def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=
     else:
         adv = has_neg = delta = tok_adv = clipped = lp
         lam = eps_w = 0.0
-    hs = hiddens + [hiddens[0]] * (4 - k)
-    logprob_fwd_kernel[(n_row_blocks, splits)](
-        hs[0], hs[1], hs[2], hs[3], hs[0].stride(0), hs[1].stride(0), hs[2].stride(0),
-        hs[3].stride(0), weight, weight.stride(0), y_raw.contiguous(), part, ticket,
+
+    def grid(m):
+        return (k * triton.cdiv(n, m["BLOCK_M"]) * splits,)
+
+    kernel[grid](
+        h, h.stride(0), h.stride(1), weight, weight.stride(0), y_raw.contiguous(), part, ticket,
         lp, lse, ent, adv, has_neg, delta, tok_adv, clipped,
-        n, vocab, d, 1.0 / temperature, float(lam), float(eps_w), vocab_per_split,
-        K=k, NUM_SPLITS=splits, WITH_ENTROPY=with_entropy, EPILOGUE=epilogue is not None,
-        UPCAST=_upcast(weight.dtype), **cfg)
+        n, vocab, d, 1.0 / temperature, float(lam), float(eps_w), splits, vocab_per_split,
+        K=k, WITH_ENTROPY=with_entropy, EPILOGUE=epilogue is not None, DIRECT=direct,
+        UPCAST=_upcast(weight.dtype), **meta)
     extra = (delta, tok_adv, clipped.view(torch.bool)) if epilogue is not None else None
     return lp, lse, (ent if with_entropy else None), extra
 
@@ -120,43 +155,121 @@ def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
     return lp, lse, ent
 
 
-def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
-    """Engine API (see chunked.head_backward): (dh, dW) via the atomic tile kernel."""
-    if torch.are_deterministic_algorithms_enabled() or hidden.shape[0] == 0:
-        return chunked.head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w)
-    _check_dtype(weight.dtype)
-    n, d = hidden.shape
-    vocab = weight.shape[0]
-    hidden, weight = _row_major(hidden), _row_major(weight)
-    f32 = dict(dtype=torch.float32, device=weight.device)
-    dh = torch.zeros(n, d, **f32) if need_h else lse
-    dw = torch.zeros(vocab, d, **f32) if need_w else lse
-    cfg = _blocks(weight.device, 1, "bwd")
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
-    logprob_bwd_kernel[grid](
-        hidden, hidden.stride(0), weight, weight.stride(0), y.contiguous(),
-        lse.float().contiguous(), a.float().contiguous(), b.float().contiguous(),
-        (c if c is not None else a).float().contiguous(),
-        dh, d if need_h else 0, dw, d if need_w else 0,
-        n, vocab, d, 1.0 / temperature,
-        HAS_C=c is not None, COMPUTE_DH=need_h, COMPUTE_DW=need_w,
-        UPCAST=_upcast(weight.dtype), **cfg)
-    return (dh.to(hidden.dtype) if need_h else None), (dw.to(weight.dtype) if need_w else None)
+# --------------------------------------------------------------------------- three products
+
+def _chunk_rows(n: int, vocab: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return max(1, min(n, GPU_CHUNK_BYTES // (6 * max(1, vocab))))
+    return chunked.rows_per_chunk(n, vocab)
+
+
+def _logits_chunk(h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h_c @ w.T in fp32 [rows, V]: the library GEMM with fp32 output (CUDA, bf16 / fp16
+    operands, fp32 accumulation); on CPU low-precision operands are upcast (tests)."""
+    if h_c.dtype == torch.float32:
+        return h_c @ w.T
+    if h_c.is_cuda:
+        try:
+            return torch.mm(h_c, w.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            return (h_c @ w.T).float()
+    return h_c.float() @ w.float().T
+
+
+def _row_cfg(device):
+    return ROW_BLOCK if _compiled(device) else ROW_BLOCK_INTERPRET
+
+
+def _row_stats(z, y_raw, temperature, with_entropy):
+    r, vocab = z.shape
+    f32 = dict(dtype=torch.float32, device=z.device)
+    lp, lse = torch.empty(r, **f32), torch.empty(r, **f32)
+    ent = torch.empty(r, **f32) if with_entropy else lse
+    cfg = _row_cfg(z.device)
+    row_stats_kernel[(triton.cdiv(r, cfg["BLOCK_R"]),)](
+        z, z.stride(0), y_raw, lp, lse, ent, r, vocab, 1.0 / temperature,
+        WITH_ENTROPY=with_entropy, **cfg)
+    return lp, lse, (ent if with_entropy else None)
+
+
+def _dz(z, y, lse, a, b, c, temperature, scale, dtype):
+    """dz [rows, V] in dtype (in place in z when dtype is fp32); a, b, c carry 1/T."""
+    r, vocab = z.shape
+    dz = z if dtype == torch.float32 else torch.empty(r, vocab, dtype=dtype, device=z.device)
+    cfg = _row_cfg(z.device)
+    grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
+    dz_kernel[grid](z, z.stride(0), dz, dz.stride(0), y, lse, a, b, a if c is None else c,
+                    lse if scale is None else scale, r, vocab, 1.0 / temperature,
+                    HAS_C=c is not None, HAS_SCALE=scale is not None, **cfg)
+    return dz
+
+
+def _products(dz, head, r0, r1, scale, dh, dw32):
+    dh_c = chunked.gradient_products(dz, head.h[r0:r1], head.w, scale, dw32,
+                                     need_dh=dh is not None)
+    if dh is not None:
+        dh[r0:r1] = dh_c
 
 
 def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_fn,
                       need_h, need_w):
-    """Engine API (see chunked.head_forward_grad)."""
-    lp, lse, ent = head_forward((hidden,), weight, y, valid, temperature, with_entropy)
-    lp, lse = lp[0], lse[0]
-    ent = ent[0] if with_entropy else None
-    dh = dw = None
-    if need_h or need_w:
-        coef = coef_fn(0, y.shape[0], lp)
-        coef = torch.where(valid, coef, torch.zeros_like(coef))
-        dh, dw = head_backward(hidden, weight, y, lse, coef, -coef, None, temperature,
-                               need_h, need_w)
-    return lp, lse, ent, dh, dw
+    """Engine API (see chunked.head_forward_grad): three products per row chunk."""
+    _check_dtype(weight.dtype)
+    n, vocab = y.shape[0], weight.shape[0]
+    dev = weight.device
+    head = chunked._Head(_row_major(hidden), _row_major(weight))
+    inv_temp = 1.0 / temperature
+    f32 = dict(dtype=torch.float32, device=dev)
+    lp, lse = torch.zeros(n, **f32), torch.zeros(n, **f32)
+    ent = torch.zeros(n, **f32) if with_entropy else None
+    dh, dw32 = chunked._grad_buffers(hidden, weight, head, need_h, need_w)
+    y_raw = torch.where(valid, y, torch.full_like(y, -100))
+    rows = _chunk_rows(n, vocab, dev)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        z = _logits_chunk(head.h[r0:r1], head.w)
+        lp_c, lse_c, ent_c = _row_stats(z, y_raw[r0:r1], temperature, with_entropy)
+        lp[r0:r1], lse[r0:r1] = lp_c, lse_c
+        if with_entropy:
+            ent[r0:r1] = ent_c
+        if dh is None and dw32 is None:
+            continue
+        coef = coef_fn(r0, r1, lp_c).float() * inv_temp
+        coef = torch.where(valid[r0:r1], coef, torch.zeros_like(coef))
+        scale = chunked.grad_scale(coef, coef, None, head.dtype)
+        dz = _dz(z, y[r0:r1], lse_c, coef, -coef, None, temperature, scale, head.dtype)
+        del z
+        _products(dz, head, r0, r1, scale, dh, dw32)
+        del dz
+    return lp, lse, ent, dh, chunked._finish_dw(dw32, weight)
+
+
+def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
+    """Engine API (see chunked.head_backward): logits recomputed per chunk, then dz and
+    the two gradient GEMMs (four products with the forward)."""
+    _check_dtype(weight.dtype)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dev = weight.device
+    head = chunked._Head(_row_major(hidden), _row_major(weight))
+    inv_temp = 1.0 / temperature
+    dh, dw32 = chunked._grad_buffers(hidden, weight, head, need_h, need_w)
+    a = (a * inv_temp).float().contiguous()
+    b = (b * inv_temp).float().contiguous()
+    c = None if c is None else (c * inv_temp).float().contiguous()
+    rows = _chunk_rows(n, vocab, dev)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        cc = None if c is None else c[r0:r1]
+        scale = chunked.grad_scale(a[r0:r1], b[r0:r1], cc, head.dtype)
+        z = _logits_chunk(head.h[r0:r1], head.w)
+        # the logsumexp of THESE logits (not the forward's, from another GEMM's rounding):
+        # p then sums to 1 exactly, which matters where |z| ~ 1e4
+        _, lse_c, _ = _row_stats(z, y[r0:r1], temperature, False)
+        dz = _dz(z, y[r0:r1], lse_c, a[r0:r1], b[r0:r1], cc, temperature, scale, head.dtype)
+        del z
+        _products(dz, head, r0, r1, scale, dh, dw32)
+        del dz
+    return dh, chunked._finish_dw(dw32, weight)
 
 
 def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,

@@ -13,8 +13,9 @@ import transformers
 from torch import nn
 
 from cepo import packing
-from cepo.model import (body_hidden_states, check_supported, decoder_body,
-                        default_attn_implementation, lm_head_weight, load_causal_lm)
+from cepo.model import (block_causal_mask, body_hidden_states, check_supported, decoder_body,
+                        default_attn_implementation, lm_head_weight, load_causal_lm,
+                        packed_attention_kwargs)
 from cepo.packing import (PackedBatch, balance_across_ranks, equalize_micro_batch_counts,
                           pack_by_budget, pack_sequences, padding_micro_batch,
                           plan_micro_batches, response_gather_index)
@@ -192,6 +193,65 @@ def test_packed_equals_one_by_one(tiny_dir, attn):
     torch.testing.assert_close(packed[:r], want, atol=1e-5, rtol=1e-5)
 
 
+def _no_boundary_inference(monkeypatch):
+    """Make transformers blind to packing: position ids no longer reveal boundaries (as
+    in versions without packed-sequence detection), so only what cepo passes counts."""
+    import transformers.masking_utils as mu
+    import transformers.modeling_flash_attention_utils as fa
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None,
+                        raising=False)
+    monkeypatch.setattr(fa, "_is_packed_sequence", lambda *a, **k: False, raising=False)
+
+
+@pytest.mark.parametrize("attn,dtype", [("eager", torch.float32), ("sdpa", torch.float32),
+                                        ("sdpa", torch.bfloat16)])
+def test_packed_exact_without_boundary_inference(tiny_dir, attn, dtype, monkeypatch):
+    """Exactness comes from the boundaries cepo passes, not from transformers inferring
+    them from position ids (5.23 does; a version that does not would leak silently)."""
+    _no_boundary_inference(monkeypatch)
+    model = load_causal_lm(str(tiny_dir), dtype=dtype, attn_implementation=attn).eval()
+    # bf16: packed and one-by-one reduce over different lengths; leakage is far larger
+    assert_packed_equals_alone(model, atol=1e-5 if dtype == torch.float32 else 3e-2)
+    if dtype == torch.float32:  # the hidden states too, not only the log-probs
+        body, seqs = decoder_body(model), random_seqs(model.config.vocab_size, seed=1)
+        with torch.no_grad():
+            packed = body_hidden_states(body, pack_sequences(seqs))
+            alone = torch.cat([body_hidden_states(body, pack_sequences([s])) for s in seqs])
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_block_causal_mask_by_hand():
+    batch = pack_sequences([[1, 2, 3], [4], [5, 6]])
+    want = torch.tensor([[1, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0, 0],
+                         [1, 1, 1, 0, 0, 0],
+                         [0, 0, 0, 1, 0, 0],
+                         [0, 0, 0, 0, 1, 0],
+                         [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(block_causal_mask(batch), want)
+
+
+def test_packed_attention_kwargs_per_implementation():
+    batch = pack_sequences([[1, 2, 3], [4], [5, 6]])
+    config = transformers.Qwen3Config()
+    config._attn_implementation = "sdpa"
+    sdpa = packed_attention_kwargs(config, batch, torch.float32)["attention_mask"]
+    assert sdpa.shape == (1, 1, 6, 6) and sdpa.dtype == torch.bool
+    config._attn_implementation = "eager"
+    eager = packed_attention_kwargs(config, batch, torch.bfloat16)["attention_mask"]
+    assert eager.dtype == torch.bfloat16  # added to bf16 scores without a T x T upcast
+    assert torch.equal(eager == 0, sdpa)
+    assert (eager[~sdpa] == torch.finfo(torch.bfloat16).min).all()
+    config._attn_implementation = "flash_attention_2"
+    flash = packed_attention_kwargs(config, batch, torch.bfloat16)
+    assert "attention_mask" not in flash and flash["cu_seq_lens_q"].dtype == torch.int32
+    assert flash["cu_seq_lens_q"].tolist() == [0, 3, 4, 6] and flash["max_length_k"] == 3
+    config._attn_implementation = "paged_attention"
+    with pytest.raises(ValueError, match="'paged_attention' cannot run packed rows"):
+        packed_attention_kwargs(config, batch, torch.float32)
+
+
 def test_body_and_head(tiny_dir):
     model = load_causal_lm(str(tiny_dir))
     body, weight = decoder_body(model), lm_head_weight(model)
@@ -205,6 +265,9 @@ def test_body_and_head(tiny_dir):
     with pytest.raises(ValueError, match=r"one packed row \[1, T\]"):
         body_hidden_states(body, PackedBatch(batch.input_ids[0], batch.position_ids[0],
                                              batch.cu_seqlens, batch.seq_lens, 3))
+    with pytest.raises(ValueError, match="cu_seqlens / seq_lens cover 5 / 4 tokens"):
+        body_hidden_states(body, PackedBatch(batch.input_ids, batch.position_ids,
+                                             batch.cu_seqlens, [3, 1], 3))
 
 
 def test_padding_micro_batch_gives_zero_gradient_to_every_parameter(tiny_dir):
@@ -255,10 +318,10 @@ def test_packed_equals_one_by_one_flex(tiny_dir):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
 def test_packed_equals_one_by_one_cuda(tiny_dir):
-    attn = default_attn_implementation("cuda")
-    dtype = torch.bfloat16 if "flash" in attn else torch.float32
-    model = load_causal_lm(str(tiny_dir), dtype=dtype, attn_implementation=attn).cuda()
-    assert_packed_equals_alone(model, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    for dtype in (torch.bfloat16, torch.float32):
+        attn = default_attn_implementation("cuda", dtype)
+        model = load_causal_lm(str(tiny_dir), dtype=dtype, attn_implementation=attn).cuda()
+        assert_packed_equals_alone(model, atol=1e-5 if dtype == torch.float32 else 3e-2)
 
 
 # --------------------------------------------------------------------------- checks

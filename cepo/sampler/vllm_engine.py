@@ -22,7 +22,8 @@ parameter names and shapes come from the checkpoint's safetensors headers (vLLM'
 ``AutoWeightsLoader``, KeyError from models with their own loop), or skips it silently, e.g.
 ``lm_head.weight`` of a tied model), and stop tokens are the tokenizer's EOS plus the
 EOS ids of ``generation_config.json``, passed as ``stop_token_ids`` and cut off the
-returned ``token_ids`` (which, in vLLM, include the stop token).
+returned ``token_ids`` (which, in vLLM, include the stop token; it is reported as
+``Completion.stop_token_id``, its logprob last in ``Completion.logprobs``).
 
 vLLM is an optional extra (``pip install 'cepo[vllm]'``); it is imported lazily.
 """

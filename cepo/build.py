@@ -82,12 +82,19 @@ def warn_about_settings(cfg: TrainConfig) -> None:
                  "runs) needs far less memory", cfg.model)
 
 
+def compute_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the run computes in bf16 (parameters bf16, fp32 reduction): CUDA with dtype
+    auto or bfloat16; fp32 everywhere else."""
+    return device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+
+
 def build_policy(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
     """The trainable policy (optionally LoRA), sharded with FSDP2."""
     from cepo.model import default_attn_implementation, load_causal_lm
 
-    bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
-    attn = cfg.attn_implementation or default_attn_implementation(device)
+    bf16 = compute_bf16(cfg, device)
+    attn = cfg.attn_implementation or default_attn_implementation(
+        device, torch.bfloat16 if bf16 else torch.float32)
     lm = load_causal_lm(cfg.model, dtype=torch.float32, attn_implementation=attn)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -103,12 +110,12 @@ def build_reference(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
     """A frozen copy of the initial policy for the k3 KL (only when kl_coef > 0)."""
     from cepo.model import default_attn_implementation, load_causal_lm
 
-    attn = cfg.attn_implementation or default_attn_implementation(device)
+    attn = cfg.attn_implementation or default_attn_implementation(
+        device, torch.bfloat16 if compute_bf16(cfg, device) else torch.float32)
     ref = FusedHeadPolicy(load_causal_lm(cfg.model, dtype=torch.float32, attn_implementation=attn))
     ref.requires_grad_(False)
     ref.to(device)
-    shard(ref, device, bf16=device.type == "cuda" and cfg.dtype in ("auto", "bfloat16"),
-          cpu_offload=cfg.cpu_offload)
+    shard(ref, device, bf16=compute_bf16(cfg, device), cpu_offload=cfg.cpu_offload)
     return ref
 
 
@@ -125,7 +132,8 @@ def build_sampler(cfg: TrainConfig, tokenizer, info):
         log.warning(warning)
     if name == "vllm":
         return VLLMEngine(cfg.model, tokenizer=tokenizer, seed=cfg.seed, rank=info.rank,
-                          max_model_len=None)
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                          dtype=torch.bfloat16 if compute_bf16(cfg, info.device) else torch.float32)
     return HFEngine(cfg.model, tokenizer=tokenizer, device=info.device,
                     max_batch_size=cfg.generation_batch_size)
 

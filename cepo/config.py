@@ -116,6 +116,10 @@ class TrainConfig:
     """Sampler engine: vllm when installed and on CUDA, else Hugging Face generate."""
     generation_batch_size: int = 64
     """Sequences per generate call (Hugging Face engine)."""
+    vllm_gpu_memory_utilization: float = 0.35
+    """The share of GPU memory vLLM takes while awake (weights + KV cache). Leave room for
+    the policy shard, gradients and AdamW state (about 16 bytes per parameter divided by
+    the world size): lower it for bigger models, raise it for LoRA."""
     logprob_check: bool = True
     """Ask the sampler for its token log-probs and log their difference from the trainer's
     (logprob_diff_mean / _max, trained tokens, weights before the update) every step: a
@@ -216,6 +220,8 @@ class TrainConfig:
             bad("token_budget", "must exceed max_new_tokens (a sequence must fit)")
         if "{answer}" not in self.hint_template:
             bad("hint_template", "must contain '{answer}'")
+        if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
+            bad("vllm_gpu_memory_utilization", "must be in (0, 1)")
         if self.max_bad_steps < 1:
             bad("max_bad_steps", "must be >= 1")
         if self.max_prompt_tokens < 0 or self.samples_every < 0 or self.samples_per_step < 0:

@@ -7,6 +7,7 @@ from cepo import distributed as dist_utils
 from cepo.data import Example
 from cepo.samples import sample_record
 from cepo.sampler import SamplingParams
+from cepo.sampler.base import mix_seed
 
 
 def evaluate(examples: list[Example], *, render, sampler, verifier, info, max_new_tokens: int,
@@ -39,7 +40,7 @@ def evaluate(examples: list[Example], *, render, sampler, verifier, info, max_ne
     if samples:
         params = SamplingParams(temperature=temperature, top_p=top_p,
                                 max_new_tokens=max_new_tokens)
-        _, draws = run(samples, params, [(seed * 7_919 + i) % 2**31 for i in mine])
+        _, draws = run(samples, params, [mix_seed(seed, i) for i in mine])
         sampled = float(sum(s.correct for s in draws))
     greedy, sampled, total = dist_utils.all_reduce_sum([greedy, sampled, float(len(mine))],
                                                        info.device)

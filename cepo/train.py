@@ -469,7 +469,7 @@ def train_loop(run: Run, start_step: int, acc_before) -> None:
 
 def run(cfg: TrainConfig) -> dict:
     """Train per ``cfg``; returns the summary (also written to output_dir/summary.json)."""
-    from cepo.checkpoint import export_hf
+    from cepo.export import export_hf
     from cepo.threads import configure_threads
 
     wall0 = time.perf_counter()

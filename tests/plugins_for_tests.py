@@ -38,8 +38,9 @@ def hang_sometimes(response: str, answer: str) -> float:
 
 def kill_trainer_once(response: str, answer: str) -> float:
     """digits_reward, but the N-th call overall (N in the file named by CEPO_TEST_KILL, whose
-    size counts calls across worker processes) SIGKILLs the trainer, the verifier's
-    parent, mid-step; the file is then removed, so a resumed run is not killed again."""
+    size counts calls across worker processes) SIGKILLs the trainer (the nearest ancestor
+    process running cepo.train) mid-step; the file is then removed, so a resumed run is
+    not killed again."""
     import signal
 
     armed = os.environ.get("CEPO_TEST_KILL")
@@ -52,7 +53,7 @@ def kill_trainer_once(response: str, answer: str) -> float:
         os.close(fd)
         if os.path.getsize(counter) >= target:
             os.remove(armed)
-            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(_trainer_pid(), signal.SIGKILL)
             time.sleep(60)
     return digits_reward(response, answer)
 
@@ -65,3 +66,15 @@ def nan_reward(response: str, answer: str) -> float:
 def constant_reward(response: str, answer: str) -> float:
     """Every response the same reward: no group carries a signal, no update happens."""
     return 0.5
+
+
+def _trainer_pid() -> int:
+    """The nearest ancestor of this process whose command line runs cepo.train."""
+    pid = os.getppid()
+    while pid > 1:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"cepo.train" in f.read():
+                return pid
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    raise RuntimeError("no cepo.train process above this one")

@@ -162,7 +162,7 @@ def score_one(response: str, answer: str, *, format_reward: float = 0.0, reward_
     math-verify's ``verify(gold, pred)``; a hedged answer (several candidates against one
     gold value) is "wrong". In math_verify mode the whole text is vetted and parsed, as
     math-verify does (gameable: documented in extract_answer). The format term is added
-    when the response has a complete \\boxed{} and was not refused.
+    when the response has a complete, non-empty \\boxed{} and was not refused.
     """
     _check_mode(answer_extraction)
     answer = str(answer)
@@ -177,7 +177,8 @@ def score_one(response: str, answer: str, *, format_reward: float = 0.0, reward_
     quiet_math_verify_logs()
     from math_verify import parse, verify
 
-    bonus = format_reward if extract_boxed(response) is not None else 0.0
+    boxed = extract_boxed(response)
+    bonus = format_reward if boxed is not None and boxed.strip() else 0.0
     if answer_extraction == "math_verify":
         refused = answer_limits(response, whole_text=True)
         if refused is not None:
@@ -187,8 +188,8 @@ def score_one(response: str, answer: str, *, format_reward: float = 0.0, reward_
         if pred:
             extracted = _clip(pred[-1] if isinstance(pred[-1], str) else str(pred[0]))
     else:
-        extracted = extract_answer(response, answer_extraction)
-        if extracted is None:
+        extracted = boxed if answer_extraction == "boxed" else extract_answer(response, answer_extraction)
+        if extracted is None or not extracted.strip():
             return Score(bonus, False, "unparseable", None)
         refused = answer_limits(extracted)
         if refused is not None:

@@ -41,6 +41,7 @@ def test_format_reward():
     assert score_one("\\boxed{34}", "33", format_reward=0.1).reward == pytest.approx(0.1)
     assert score_one("\\boxed{33}", "33", format_reward=0.1).reward == pytest.approx(1.1)
     assert score_one("33", "33", format_reward=0.1).reward == 0.0  # no box: unparseable
+    assert score_one("\\boxed{ }", "33", format_reward=0.1).reward == 0.0  # an empty box
     assert score_one("33", "33", format_reward=0.1, answer_extraction="last_number").reward == 1.0
     refused = score_one("\\boxed{9^{9^{9}}}", "33", format_reward=0.1)
     assert (refused.status, refused.reward) == ("too_complex", 0.0)  # no format term

@@ -80,7 +80,9 @@ class _PPOLoss(torch.autograd.Function):
                 clip_high=options["clip_high"], ref_logprobs=None if ref is None else ref[r0:r1],
                 kl_coef=options["kl_coef"])
 
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad ignores no_grad mode: a forward-only call computes no gradient
+        grad_on = options["grad_enabled"]
+        need_h, need_w = grad_on and ctx.needs_input_grad[0], grad_on and ctx.needs_input_grad[1]
         lp, lse, ent, dh, dw = engine.head_forward_grad(
             hidden, weight, y, valid, options["temperature"], want_entropy, coef, need_h, need_w)
         loss, _, stats = _math.ppo_token_terms(
@@ -113,6 +115,7 @@ def fused_linear_ppo_loss(engine, hidden, weight, targets, old_logprobs, token_a
                           **options) -> tuple[torch.Tensor, PPOStats]:
     """(loss, PPOStats) through ``engine``; options as in cepo_kernels.fused_linear_ppo_loss."""
     options["temperature"] = float(options["temperature"])
+    options["grad_enabled"] = torch.is_grad_enabled()
     loss, st, lp = _PPOLoss.apply(hidden, weight, targets, old_logprobs, token_advantages, mask,
                                   options, engine)
     return loss, PPOStats(st[0], st[1], st[2], st[3],

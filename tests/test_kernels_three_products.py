@@ -133,6 +133,9 @@ def test_ppo_loss_runs_three_products(monkeypatch):
         loss, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, backend="torch")
         grads(loss, hidden, weight)
     assert c.count == 3 * 4
+    with CountHeadProducts() as c, torch.no_grad():  # forward only: no gradient products
+        ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, backend="torch")
+    assert c.count == 1 * 4
     with CountHeadProducts() as c:
         out = ck.fused_logprobs(hidden, weight, targets, backend="torch")
         grads(out.logprobs.sum(), hidden, weight)

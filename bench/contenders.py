@@ -6,7 +6,10 @@ returns either a zero-argument callable that runs the contender once on them, or
 so outputs can be compared with ours before anything is timed:
 
 - ``logprobs``:  log p(y_t) [N] (forward only, no gradient);
+- ``logprobs_grad``: (log p(y_t) [N], d sum(lp) / d hidden, d sum(lp) / d weight):
+  forward and backward (the upstream gradient arrives after the forward);
 - ``evidence``:  (lp_policy, lp_pos, lp_neg, token_advantages), each [N] (forward only);
+- ``ppo_loss_fwd``: (loss,): the PPO loss forward only (under no_grad);
 - ``ppo_loss``:  (loss, d loss / d hidden, d loss / d weight): forward and backward.
 
 Peers without a three-context op do the same work as three separate log-prob calls
@@ -28,8 +31,11 @@ import torch
 import cepo_kernels
 from cepo_kernels import _math
 
-OPS = ("logprobs", "evidence", "ppo_loss")
-HEAD_PRODUCTS = {"logprobs": 1, "evidence": 3, "ppo_loss": 3}
+OPS = ("logprobs", "logprobs_grad", "evidence", "ppo_loss_fwd", "ppo_loss")
+HEAD_PRODUCTS = {"logprobs": 1, "logprobs_grad": 4, "evidence": 3, "ppo_loss_fwd": 1, "ppo_loss": 3}
+"""LM-head products each op must do: the log-prob backward recomputes the logits (its
+upstream gradient arrives later: 4); the PPO loss knows its gradient in the forward (3)."""
+GRAD_OPS = ("logprobs_grad", "ppo_loss")
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
 LAM, EPS_W = 0.5, 0.2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,6 +129,9 @@ def make_inputs(point: Point, device, seed: int = 0) -> SimpleNamespace:
                           seq_advantages=seq_adv, advantages=seq_adv.repeat_interleave(t))
     if point.op == "logprobs":
         inp.hidden = randn(n, h)
+    elif point.op == "logprobs_grad":
+        inp.hidden = randn(n, h).requires_grad_(True)
+        inp.weight = weight.requires_grad_(True)
     elif point.op == "evidence":
         base = torch.randn(n, h, generator=g, device=device)
         inp.h_policy = base.to(dt)
@@ -132,7 +141,7 @@ def make_inputs(point: Point, device, seed: int = 0) -> SimpleNamespace:
         has_neg = torch.rand(b, generator=g, device=device) < 0.8
         inp.has_negative = has_neg.repeat_interleave(t)
         inp.valid = torch.ones(n, dtype=torch.bool, device=device)
-    elif point.op == "ppo_loss":
+    elif point.op in ("ppo_loss", "ppo_loss_fwd"):
         inp.hidden = randn(n, h).requires_grad_(True)
         inp.weight = weight.requires_grad_(True)
         lengths = torch.randint(t // 2, t + 1, (b,), generator=g, device=device)
@@ -170,6 +179,12 @@ def ppo_surrogate(lp, old, adv, mask):
 def _grads(loss, inp):
     dh, dw = torch.autograd.grad(loss, [inp.hidden, inp.weight])
     return loss.detach(), dh, dw
+
+
+def _lp_grads(lp, inp):
+    """(lp, d sum(lp) / d hidden, d sum(lp) / d weight) for the logprobs_grad op."""
+    dh, dw = torch.autograd.grad(lp.sum(), [inp.hidden, inp.weight])
+    return lp.detach().float(), dh, dw
 
 
 def _three(lp_fn, inp):
@@ -214,6 +229,25 @@ def ours_ppo_loss(inp):
     return run
 
 
+def ours_logprobs_grad(inp):
+    """cepo_kernels.fused_logprobs (backend auto), forward and backward of sum(lp)."""
+    def run():
+        lp = cepo_kernels.fused_logprobs(inp.hidden, inp.weight, inp.targets, backend="auto").logprobs
+        return _lp_grads(lp, inp)
+    return run
+
+
+def ours_ppo_loss_fwd(inp):
+    """cepo_kernels.fused_linear_ppo_loss (backend auto), forward only."""
+    def run():
+        with torch.no_grad():
+            loss, _ = cepo_kernels.fused_linear_ppo_loss(
+                inp.hidden, inp.weight, inp.targets, inp.old_logprobs, inp.advantages, inp.mask,
+                clip_low=CLIP_LOW, clip_high=CLIP_HIGH, backend="auto")
+        return (loss,)
+    return run
+
+
 # --------------------------------------------------------------------------- naive PyTorch
 
 def _naive_lp(hidden, weight, targets):
@@ -240,6 +274,22 @@ def naive_ppo_loss(inp):
     def run():
         lp = _naive_lp(inp.hidden, inp.weight, inp.targets)
         return _grads(ppo_surrogate(lp, inp.old_logprobs, inp.advantages, inp.mask), inp)
+    return run
+
+
+def naive_logprobs_grad(inp):
+    """Naive log-probs, autograd backward of their sum."""
+    def run():
+        return _lp_grads(_naive_lp(inp.hidden, inp.weight, inp.targets), inp)
+    return run
+
+
+def naive_ppo_loss_fwd(inp):
+    """Naive log-probs and the PPO surrogate, forward only."""
+    def run():
+        with torch.no_grad():
+            lp = _naive_lp(inp.hidden, inp.weight, inp.targets)
+            return (ppo_surrogate(lp, inp.old_logprobs, inp.advantages, inp.mask),)
     return run
 
 
@@ -363,6 +413,54 @@ def compile_ppo_loss(inp):
     return run
 
 
+def _chunk_lp_grad(hidden, weight, targets):
+    """log p of one row chunk and the gradient of their sum, written out:
+    dz = onehot - p, dh = dz W, dW = dz^T h."""
+    z = (hidden @ weight.T).float()
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(1, targets[:, None]).squeeze(1) - lse
+    dz = -torch.exp(z - lse[:, None])
+    dz = dz.scatter_add(1, targets[:, None], torch.ones_like(lp)[:, None]).to(hidden.dtype)
+    return lp, dz @ weight, dz.T @ hidden
+
+
+def compile_logprobs_grad(inp):
+    """torch.compile of the row-chunked log-probs with the gradient of their sum written
+    out per chunk (the upstream gradient is known here: three products, no recompute)."""
+    na = _compile_unavailable(inp)
+    if na:
+        return na
+    f = _compiled_fn(_chunk_lp_grad)
+    hidden, weight = inp.hidden.detach(), inp.weight.detach()
+    n, v, h = hidden.shape[0], weight.shape[0], weight.shape[1]
+    rows = chunk_rows(n, v, inp.device)
+
+    def run():
+        with torch.no_grad():
+            lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            dh = torch.empty_like(hidden)
+            dw = torch.zeros(v, h, dtype=torch.float32, device=weight.device)
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                lp[r0:r1], dh[r0:r1], dw_c = f(hidden[r0:r1], weight, inp.targets[r0:r1])
+                dw += dw_c
+            return lp, dh, dw.to(weight.dtype)
+    return run
+
+
+def compile_ppo_loss_fwd(inp):
+    """Compiled chunked log-probs and the PPO surrogate, forward only."""
+    na = _compile_unavailable(inp)
+    if na:
+        return na
+
+    def run():
+        with torch.no_grad():
+            lp = _compiled_lp(inp, inp.hidden.detach())
+            return (ppo_surrogate(lp, inp.old_logprobs, inp.advantages, inp.mask),)
+    return run
+
+
 # --------------------------------------------------------------------------- Liger-Kernel
 
 def _liger_flce(inp):
@@ -408,6 +506,44 @@ def liger_flce_ppo_loss(inp):
     return run
 
 
+def liger_logprobs_grad(inp):
+    """Liger FLCE (reduction='none'), log-probs = -loss, autograd backward of their sum."""
+    flce = _liger_flce(inp)
+    if isinstance(flce, NA):
+        return flce
+
+    def run():
+        return _lp_grads(-flce(inp.weight, inp.hidden, inp.targets), inp)
+    return run
+
+
+def liger_flce_ppo_loss_fwd(inp):
+    """Liger FLCE log-probs and the PPO surrogate, forward only."""
+    flce = _liger_flce(inp)
+    if isinstance(flce, NA):
+        return flce
+
+    def run():
+        with torch.no_grad():
+            lp = -flce(inp.weight, inp.hidden, inp.targets)
+            return (ppo_surrogate(lp.float(), inp.old_logprobs, inp.advantages, inp.mask),)
+    return run
+
+
+def liger_grpo_ppo_loss_fwd(inp):
+    """LigerFusedLinearGRPOLoss under no_grad (its chunked loss still forms gradients in
+    its forward: that is how it is built)."""
+    run_fb = liger_grpo_ppo_loss(inp)
+    if isinstance(run_fb, NA):
+        return run_fb
+    loss_fn, args = run_fb.loss_fn, run_fb.args
+
+    def run():
+        with torch.no_grad():
+            return (loss_fn(*args[0], **args[1])[0].detach(),)
+    return run
+
+
 def liger_grpo_ppo_loss(inp):
     """LigerFusedLinearGRPOLoss: chunked PyTorch (per sequence), runs natively on CPU.
 
@@ -428,10 +564,13 @@ def liger_grpo_ppo_loss(inp):
     mask = inp.mask.view(b, t).long()
     old = inp.old_logprobs.view(b, t)
 
+    args = ((inp.hidden.view(b, t, h), inp.weight, targets, mask, inp.seq_advantages),
+            dict(old_per_token_logps=old))
+
     def run():
-        loss, _ = loss_fn(inp.hidden.view(b, t, h), inp.weight, targets, mask, inp.seq_advantages,
-                          old_per_token_logps=old)
+        loss, _ = loss_fn(*args[0], **args[1])
         return _grads(loss, inp)
+    run.loss_fn, run.args = loss_fn, args
     return run
 
 
@@ -481,6 +620,30 @@ def cce_ppo_loss(inp):
     return run
 
 
+def cce_logprobs_grad(inp):
+    """Cut Cross-Entropy log-probs, autograd backward of their sum."""
+    lp = _cce(inp)
+    if isinstance(lp, NA):
+        return lp
+
+    def run():
+        return _lp_grads(lp(inp.hidden), inp)
+    return run
+
+
+def cce_ppo_loss_fwd(inp):
+    """Cut Cross-Entropy log-probs and the PPO surrogate, forward only."""
+    lp = _cce(inp)
+    if isinstance(lp, NA):
+        return lp
+
+    def run():
+        with torch.no_grad():
+            return (ppo_surrogate(lp(inp.hidden).float(), inp.old_logprobs, inp.advantages,
+                                  inp.mask),)
+    return run
+
+
 # --------------------------------------------------------------------------- the floor
 
 def floor_logprobs(inp):
@@ -514,6 +677,30 @@ def floor_ppo_loss(inp):
     return run
 
 
+def floor_logprobs_grad(inp):
+    """The floor of the log-prob forward + backward: the forward product, the recompute in
+    the backward (its upstream gradient arrives later), and the two gradient products."""
+    hidden, weight = inp.hidden.detach(), inp.weight.detach()
+
+    def run():
+        with torch.no_grad():
+            z = torch.matmul(hidden, weight.T)      # forward
+            del z
+            z = torch.matmul(hidden, weight.T)      # backward: recompute
+            return torch.matmul(z, weight), torch.matmul(z.T, hidden)
+    return run
+
+
+def floor_ppo_loss_fwd(inp):
+    """The floor of the loss forward: one bare LM-head product."""
+    hidden, weight = inp.hidden.detach(), inp.weight.detach()
+
+    def run():
+        with torch.no_grad():
+            return torch.matmul(hidden, weight.T)
+    return run
+
+
 # --------------------------------------------------------------------------- registry
 
 OURS, FLOOR = "ours", "floor"
@@ -525,6 +712,13 @@ torch_compile): their memory is measured on a later call, not during the check."
 CONTENDERS = {
     "logprobs": [(OURS, ours_logprobs), ("naive", naive_logprobs), ("torch.compile", compile_logprobs),
                  ("liger-flce", liger_logprobs), ("cce", cce_logprobs), (FLOOR, floor_logprobs)],
+    "logprobs_grad": [(OURS, ours_logprobs_grad), ("naive", naive_logprobs_grad),
+                      ("torch.compile", compile_logprobs_grad), ("liger-flce", liger_logprobs_grad),
+                      ("cce", cce_logprobs_grad), (FLOOR, floor_logprobs_grad)],
+    "ppo_loss_fwd": [(OURS, ours_ppo_loss_fwd), ("naive", naive_ppo_loss_fwd),
+                     ("torch.compile", compile_ppo_loss_fwd), ("liger-grpo", liger_grpo_ppo_loss_fwd),
+                     ("liger-flce", liger_flce_ppo_loss_fwd), ("cce", cce_ppo_loss_fwd),
+                     (FLOOR, floor_ppo_loss_fwd)],
     "evidence": [(OURS, ours_evidence), ("naive", naive_evidence), ("torch.compile", compile_evidence),
                  ("liger-flce", liger_evidence), ("cce", cce_evidence), (FLOOR, floor_evidence)],
     "ppo_loss": [(OURS, ours_ppo_loss), ("naive", naive_ppo_loss), ("torch.compile", compile_ppo_loss),
@@ -543,7 +737,8 @@ DESCRIPTIONS = {
                   "epsilon 0.2/0.28, compiled=True on CUDA, False on CPU), inputs as [B, T, H]",
     "cce": "Apple Cut Cross-Entropy linear_cross_entropy(reduction='none'), impl 'cce' on CUDA, "
            "'torch_compile' on CPU (loss: PPO surrogate in torch, autograd through it)",
-    FLOOR: "bare LM-head torch.matmul products: x1 (logprobs), x3 (evidence), fwd + 2 bwd (ppo_loss)",
+    FLOOR: "bare LM-head torch.matmul products: x1 (logprobs, ppo_loss_fwd), x3 (evidence), "
+           "fwd + 2 bwd (ppo_loss), fwd + recompute + 2 bwd (logprobs_grad)",
 }
 
 
@@ -555,7 +750,7 @@ def estimated_cpu_bytes(name: str, point: Point) -> int:
     elt = torch.finfo(point.torch_dtype).bits // 8
     if name in ("naive", "cce"):
         per = n * v * (elt + 8)  # logits in the input dtype, float copy, log_softmax
-        return per * (2 if point.op == "ppo_loss" else 1)
+        return per * (2 if point.op in GRAD_OPS else 1)
     if name == FLOOR:
         return n * v * elt
     return 0

@@ -74,6 +74,18 @@ def compare(op: str, dtype: str, ref, out):
     got = _as_ref(out)
     if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref)):
         return False, float("nan"), None
+    if op == "ppo_loss_fwd":
+        d, ok, finite, _, _ = _diff(got[0], ref[0], tol["loss_atol"], tol["loss_rtol"])
+        return ok and finite, d, None
+    if op == "logprobs_grad":
+        (lp, dh, dw), (lp_ref, dh_ref, dw_ref) = got, ref
+        diff, ok, finite, _, _ = _diff(lp, lp_ref, tol["atol"], tol["rtol"])
+        grad_err = 0.0
+        for a, b in ((dh, dh_ref), (dw, dw_ref)):
+            _, _, fin, num, den = _diff(a, b, 0.0, 0.0)
+            finite &= fin
+            grad_err = max(grad_err, num / max(den, 1e-30)) if fin else float("nan")
+        return ok and finite and grad_err <= tol["grad"], diff, grad_err
     if op in ("logprobs", "evidence"):
         diff, ok = 0.0, True
         for a, b in zip(got, ref):

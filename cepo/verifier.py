@@ -279,8 +279,15 @@ class _Worker:
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Block until the worker has imported everything: start-up never eats into an
         item's timeout."""
-        if not self.conn.poll(timeout) or self.conn.recv() != "ready":
-            raise RuntimeError("verifier worker failed to start")
+        try:
+            ready = self.conn.poll(timeout) and self.conn.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            raise RuntimeError(
+                "verifier worker failed to start (see its traceback above). Workers re-run "
+                "the main module: a script that creates a Verifier must do so under "
+                "`if __name__ == '__main__':`")
 
     def kill(self):
         self.proc.kill()

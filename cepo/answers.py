@@ -127,7 +127,7 @@ def has_disjunction(answer: str) -> bool:
 
 
 _TOKEN_RE = re.compile(
-    r"\\[a-zA-Z]+|\\.|\d+(?:\.\d+)?|\.\d+|\*\*|[a-zA-Z]|[{(\[]|[})\]]|[\^!]|\s+|.", re.S)
+    r"\\[a-zA-Z]+|\\.|\d+(?:\.\d+)?|\.\d+|\*\*|[a-zA-Z]|[{(\[]|[})\]]|[\^!]|\s+|.", re.DOTALL)
 _OPEN, _CLOSE = set("{([") | {"\\{"}, set("})]") | {"\\}"}
 _ADDITIVE = {"+", "-", "=", ",", ";", "<", ">", "&", "\\\\", "\\pm", "\\mp", "\\le", "\\ge",
              "\\leq", "\\geq", "\\neq", "\\ne", "\\cup", "\\cap", "\\lor", "\\vee"}

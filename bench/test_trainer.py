@@ -33,16 +33,22 @@ def markdown(meta: dict) -> str:
     if split:
         lines += [f"## Step time split ({split['model']})", "",
                   "| algo | generate s | score s | teacher s | update s | sync s | step s | "
-                  "vs GRPO | tokens/s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "median s | vs GRPO | generate share | tokens/s | peak GB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         grpo = next((r["step_s"] for r in split["rows"] if r["algo"] == "grpo"), None)
         for r in split["rows"]:
             rel = f"{r['step_s'] / grpo:.2f}x" if grpo else "n/a"
             lines.append(f"| {r['algo']} | " + " | ".join(
                 f"{r[p + '_s']:.3f}" for p in trainer.PHASES) +
-                f" | {r['step_s']:.3f} | {rel} | {r['tokens_per_s']:.0f} | "
+                f" | {r['step_s']:.3f} | {r['step_median_s']:.3f} | {rel} | "
+                f"{r['generate_share']:.0%} | {r['tokens_per_s']:.0f} | "
                 f"{r['peak_memory_gb']:.2f} |")
-        lines += ["", f"Mean over {split['rows'][0]['steps_timed']} steps after a warm-up step; "
-                  f"trainer options: `{' '.join(split['extra'])}`.", ""]
+        first = split["rows"][0]
+        lines += ["", f"Mean over steps {first['first_step_timed']}-"
+                  f"{first['first_step_timed'] + first['steps_timed'] - 1} of each run (lambda "
+                  f"{first['lambda_first']:.2f} -> {first['lambda_last']:.2f} for RLSD / CEPO: "
+                  "the teacher phase runs while lambda > 0), no evaluation; trainer options: "
+                  f"`{' '.join(split['extra']) or '(the embedded default)'}`.", ""]
     mem = _RESULTS.get("update_memory")
     if mem:
         lines += [f"## Update micro-batch: fused head vs naive logits ({mem['model']})", "",
@@ -93,16 +99,17 @@ def plot(path: str) -> None:
 def test_trainer_step_time_split(bench, tmp_path):
     """GRPO vs RLSD vs CEPO on the same config: seconds per phase of a step."""
     cuda = torch.device(bench.device).type == "cuda"
-    steps = 2 if bench.size == "tiny" else 4
+    steps, warmup = {"tiny": (3, 1), "small": (12, 4), "full": (20, 5)}[bench.size]
     if cuda:
         model = trainer.random_model_dir(tmp_path / "model", trainer.QWEN3_0_6B, torch.bfloat16)
         name = "random Qwen3-0.6B shape, bf16, HF generate, hashed reward"
         extra = ["--reward_fn", "bench_rewards:hashed_reward", "--engine", "hf",
                  "--max_new_tokens", "256", "--token_budget", "16384"]
     else:
-        model, name, extra = trainer.TINY_ASSET, "shipped tiny model, built-in task", []
+        model, name, extra = None, "the embedded default: shipped tiny model, built-in task", []
     rows = [trainer.step_time_split(algo, model, tmp_path / algo, device=bench.device,
-                                    steps=steps, extra=extra) for algo in ("grpo", "rlsd", "cepo")]
+                                    steps=steps, warmup=warmup, extra=extra)
+            for algo in ("grpo", "rlsd", "cepo")]
     _RESULTS["step_time_split"] = {"model": name, "extra": extra, "rows": rows}
     _write(bench)
     for r in rows:

@@ -3,15 +3,15 @@ update micro-batch can hold with the fused head versus a naive-logits head.
 
 Shapes: on CUDA a randomly initialised Qwen3-0.6B-shaped model (bf16; the tiny char
 tokenizer, whose decoder skips ids it does not know, and a hashed reward so that groups
-have non-zero advantages); on CPU the shipped tiny model on the real task for the step
-split, and a small random Qwen3 (H 256, 4 layers, V 32,000, fp32) for memory.
+have non-zero advantages); on CPU the embedded default itself for the step split (the
+README's command with --algo, no evaluation), and a small random Qwen3 (H 256, 4 layers,
+V 32,000, fp32) for memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,34 +57,39 @@ def random_model_dir(path: Path, shape: dict, dtype: torch.dtype) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def step_time_split(algo: str, model: Path | None, out: Path, *, device: str, steps: int,
+                    warmup: int, extra: list[str]) -> dict:
+    """Run ``torchrun --nproc_per_node 1 -m cepo.train --algo ALGO`` for ``steps`` steps
+    with no held-out evaluation (timed apart from steps, if at all); mean and median
+    seconds per phase over the steps after the first ``warmup`` ones, plus tokens/s and
+    peak memory. ``model`` None runs the embedded default (the shipped tiny model with
+    its own settings, exactly what the README's command runs)."""
+    from cepo.distributed import free_port
 
-
-def step_time_split(algo: str, model: Path, out: Path, *, device: str, steps: int,
-                    extra: list[str]) -> dict:
-    """Run ``torchrun -m cepo.train`` for ``steps`` steps; mean seconds per phase over the
-    steps after the first (warm-up), plus tokens/s and peak memory."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "bench") + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-           "--master_port", str(_free_port()), "-m", "cepo.train", "--algo", algo,
-           "--model", str(model), "--output_dir", str(out), "--steps", str(steps),
-           "--device", device, "--eval_every", "0", "--num_eval", "4",
+           "--master_port", str(free_port()), "-m", "cepo.train", "--algo", algo,
+           "--output_dir", str(out), "--steps", str(steps), "--device", device,
+           "--eval_every", "0", "--num_eval", "0", "--samples_every", "0",
            "--checkpoint_every", "0", "--export", "false", "--progress", "false", *extra]
+    if model is not None:
+        cmd[cmd.index("--algo"):cmd.index("--algo")] = ["--model", str(model)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{algo}: training failed\n{proc.stderr[-3000:]}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
-    rows = [r for r in rows if "step_seconds" in r][1:]
-    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
-    return {"algo": algo, "steps_timed": len(rows),
+    rows = [r for r in rows if "step_seconds" in r][warmup:]
+    mean = lambda key: statistics.fmean(r.get(key) or 0.0 for r in rows)  # noqa: E731
+    return {"algo": algo, "steps_timed": len(rows), "first_step_timed": warmup + 1,
             **{f"{p}_s": mean(f"time_{p}") for p in PHASES},
-            "step_s": mean("step_seconds"), "tokens_per_s": mean("tokens_per_second"),
-            "skipped_rollouts": mean("skipped_rollouts"), "peak_memory_gb": max(
-                r["peak_memory_gb"] for r in rows)}
+            "step_s": mean("step_seconds"),
+            "step_median_s": statistics.median(r["step_seconds"] for r in rows),
+            "lambda_first": rows[0]["lambda"], "lambda_last": rows[-1]["lambda"],
+            "generate_share": mean("time_generate") / max(mean("step_seconds"), 1e-9),
+            "tokens_per_s": mean("tokens_per_second"),
+            "skipped_rollouts": mean("skipped_rollouts"),
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in rows)}
 
 
 def _packed(budget: int, vocab: int, device, seq_len: int = 512):

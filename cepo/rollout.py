@@ -84,7 +84,9 @@ def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: l
             r.advantage = a
     wrong: list[str | None] = [None] * len(examples)
     if find_wrong_answers and examples:
-        per_group = [[{"answer": r.extracted, "reward": r.reward, "correct": r.correct}
+        refused = ("too_long", "too_complex")  # refused junk never becomes a hint
+        per_group = [[{"answer": r.extracted if r.status not in refused else None,
+                       "reward": r.reward, "correct": r.correct}
                       for r in rollouts[g * group_size:(g + 1) * group_size]]
                      for g in range(len(examples))]
         wrong = [choose_wrong_answers([group], wrong_answer_strategy, random.Random(seed),

@@ -102,3 +102,13 @@ def test_real_model_defaults_are_the_papers(tmp_path):
     assert real.lr == 5e-6 and real.steps == 50 and real.prompts_per_step == 32
     assert parse_config(["--model", str(tmp_path), "--lr", "1e-5"]).lr == 1e-5
     assert parse_config(["--steps", "3"]).lr == 1e-4  # flags still override the tiny config
+
+
+def test_answer_extraction_options_are_the_verifiers():
+    import typing
+
+    from cepo.answers import ANSWER_EXTRACTION_MODES
+    from cepo.config import TrainConfig
+
+    hint = typing.get_type_hints(TrainConfig)["answer_extraction"]
+    assert typing.get_args(hint) == ANSWER_EXTRACTION_MODES

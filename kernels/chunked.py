@@ -98,10 +98,22 @@ def gradient_products(gd, h_c, w, scale, dw32, need_dh=True):
     if dw32 is not None:
         if dw32.dtype == gd.dtype and scale is None:
             dw32.addmm_(gd.T, h_c)
+        elif scale is None and gd.is_cuda and _addmm_fp32_into(dw32, gd.T, h_c):
+            pass  # low-precision operands accumulated by the GEMM straight into fp32 dW
         else:  # low-precision product, fp32 accumulation across chunks
             part = _mm(gd.T, h_c)
             dw32.add_(part if scale is None else part.float().div_(scale))
     return dh_c
+
+
+def _addmm_fp32_into(acc, x, y) -> bool:
+    """acc += x @ y with bf16 / fp16 operands and fp32 acc in one GEMM (beta = 1, no
+    [V, H] temporary); False where this torch / device does not offer it."""
+    try:
+        torch.ops.aten.addmm.dtype_out(acc, x, y, torch.float32, out=acc)
+        return True
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        return False
 
 
 def rows_per_chunk(num_rows: int, vocab: int) -> int:

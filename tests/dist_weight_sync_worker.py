@@ -47,8 +47,8 @@ def main(model_dir: str, out: str, lora: bool):
     if info.rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    shutdown()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3] == "lora")
+    shutdown()  # after main's FSDP2 model is gone: it holds the process group

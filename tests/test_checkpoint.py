@@ -2,14 +2,8 @@
 keep_last, no pickle anywhere, and the Hugging Face export with LoRA merged."""
 
 import json
-import os
 import pickle
 import random
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +13,7 @@ from safetensors.torch import load_file
 
 import cepo.checkpoint as ckpt
 import dist_checkpoint_worker as worker
-
-TESTS = Path(__file__).parent
+from launch import TESTS, torchrun
 
 
 # ----------------------------------------------------------------------------- one process
@@ -221,37 +214,10 @@ def test_export_single_process_plain_and_lora(tmp_path):
 
 # ----------------------------------------------------------------------------- 2-process FSDP2
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-FLAKE = "terminate called without an active exception"
-"""A 2-process gloo run on CPU sometimes aborts one rank with this (about 1 run in 10
-under load; not root-caused): the launch is repeated once on exactly that signature."""
-
-
-def _torchrun(phases: str, work: Path, out: Path, timeout: float = 300, retry: bool = True) -> None:
-    """torchrun, 2 CPU processes; on a time-out the whole process tree is killed."""
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                             "2", "--master_port", str(_free_port()),
-                             str(TESTS / "dist_checkpoint_worker.py"), phases, str(work),
-                             str(out), str(_free_port())],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun timed out after {timeout} s\n{stdout[-4000:]}{stderr[-8000:]}")
-    if proc.returncode != 0 and retry and FLAKE in stderr:
-        for p in work.iterdir():  # start again from nothing: checkpoints, exports, results
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        return _torchrun(phases, work, out, timeout, retry=False)
-    assert proc.returncode == 0, stdout[-4000:] + stderr[-8000:]
+def _torchrun(phases: str, work: Path, out: Path) -> None:
+    """torchrun, 2 CPU processes, the checkpoint worker (tests/launch.py: no retry)."""
+    from cepo.distributed import free_port
+    torchrun([TESTS / "dist_checkpoint_worker.py", phases, work, out, free_port()])
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,13 @@
 """The trainer end to end, through torchrun, on a tiny random model (CPU, gloo, FSDP2)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch import torchrun
 from tiny_lm import make_tiny_model_dir
-
-TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -19,38 +15,13 @@ def tiny(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# A 2-process gloo run on CPU sometimes aborts one rank with "terminate called without an
-# active exception" (about 1 run in 10 under load; not root-caused). 2-process runs are
-# launched again once on exactly that signature; any other failure fails the test.
-FLAKE = "terminate called without an active exception"
-
-
 def run_train(out: Path, model: Path, *args: str, nproc: int = 1, check: bool = True):
     """Run ``torchrun -m cepo.train`` with small settings; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), "-m", "cepo.train", "--model", str(model),
-           "--output_dir", str(out), "--prompts_per_step", "4", "--group_size", "4",
-           "--max_new_tokens", "10", "--num_eval", "4", "--eval_every", "0",
-           "--checkpoint_every", "0", "--reward_fn", "plugins_for_tests:digits_reward",
-           "--progress", "false", "--steps", "2", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if nproc > 1 and proc.returncode != 0 and FLAKE in proc.stderr:  # see FLAKE; once
-        import shutil
-        shutil.rmtree(out, ignore_errors=True)
-        cmd[cmd.index("--master_port") + 1] = str(_free_port())
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+    return torchrun(["-m", "cepo.train", "--model", str(model), "--output_dir", str(out),
+                     "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "10",
+                     "--num_eval", "4", "--eval_every", "0", "--checkpoint_every", "0",
+                     "--reward_fn", "plugins_for_tests:digits_reward", "--progress", "false",
+                     "--steps", "2", *args], nproc=nproc, check=check)
 
 
 def losses(out: Path) -> list[float]:

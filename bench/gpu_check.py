@@ -1,0 +1,447 @@
+"""One-shot GPU check of cepo_kernels: compile, correctness, timing, report (about 8 minutes on one H100 / H200).
+
+    python bench/gpu_check.py --out DIR                 # the whole check on CUDA
+    python bench/gpu_check.py --out DIR --dry-run       # the same pipeline on CPU at tiny shapes
+
+Sections (each recorded even when another fails):
+
+1. compile: every Triton kernel at the target shapes (each forward autotune config for
+   one and three contexts, the row-statistics and dz kernels for bf16 / fp16 tiles):
+   registers, spills, shared memory, and whether the PTX holds wgmma (Hopper MMA) and
+   cp.async.bulk.tensor (TMA) instructions.
+2. correctness on CUDA against the float64 reference at odd sizes (N 333, V 1037, H 96,
+   in gradient chunks of 64 rows so dW accumulates across chunks):
+   forced split counts 1, 3 and 7, ignored targets, temperature 0.7, entropy, fp32 /
+   bf16 / fp16 inputs and gradients, the PPO loss and the evidence epilogue; and one head
+   with V x H > 2^31 elements (int64 offsets), checked against fp32 row chunks.
+3. timing at the target shapes (bf16, N 16k per context, H 2048, V 151,936): ours, the
+   bare products, naive, Cut Cross-Entropy and Liger, through the benchmark harness
+   (bench/test_kernels.run_point: checked against ours first, then
+   triton.testing.do_bench medians and peak memory).
+4. report: gpu_check.json and gpu_check.md in --out.
+
+The dry run executes every section on CPU (compile recorded as skipped, correctness
+through the chunked engine, timing at a tiny shape), so the logic is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+if REPO not in sys.path:  # `python bench/gpu_check.py` puts bench/ first, not the repo root
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+TARGET = dict(N=16_384, H=2048, V=151_936)
+ODD = dict(N=333, H=96, V=1037)
+TINY = dict(N=64, H=32, V=512)
+TIMED_OPS = ("evidence", "ppo_loss", "ppo_loss_fwd", "logprobs", "logprobs_grad")
+TOL = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(description="One-shot GPU check of cepo_kernels")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results", "gpu_check"),
+                   help="folder for gpu_check.json and gpu_check.md (default: $OUT, else bench/results/gpu_check)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every section on CPU at tiny shapes (no CUDA needed)")
+    p.add_argument("--sections", default="compile,correctness,timing",
+                   help="comma-separated subset of compile,correctness,timing")
+    p.add_argument("--ops", default=",".join(TIMED_OPS), help="ops to time (comma-separated)")
+    p.add_argument("--shape", default=None,
+                   help="timing shape N,H,V (default: 16384,2048,151936; tiny in a dry run)")
+    p.add_argument("--skip", default="",
+                   help="contenders left out of the timing (comma-separated, e.g. torch.compile)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="stop starting new timing points after this many seconds in total")
+    p.add_argument("--big-head", default="262144,8200",
+                   help="V,H of the V x H > 2^31 case (0 to skip)")
+    args = p.parse_args(argv)
+    args.sections = [s for s in args.sections.split(",") if s]
+    bad = set(args.sections) - {"compile", "correctness", "timing"}
+    if bad:
+        p.error(f"--sections: unknown {sorted(bad)}; choose from compile, correctness, timing")
+    args.skip = [c for c in args.skip.split(",") if c]
+    args.ops = [o for o in args.ops.split(",") if o]
+    bad = set(args.ops) - set(TIMED_OPS)
+    if bad:
+        p.error(f"--ops: unknown {sorted(bad)}; choose from {', '.join(TIMED_OPS)}")
+    if args.shape:
+        try:
+            n, h, v = (int(x) for x in args.shape.split(","))
+        except ValueError:
+            p.error(f"--shape must be N,H,V (three integers), got {args.shape!r}")
+        args.shape = dict(N=n, H=h, V=v)
+    else:
+        args.shape = dict(TINY) if args.dry_run else dict(TARGET)
+    try:
+        v, h = (int(x) for x in args.big_head.split(","))
+    except ValueError:
+        p.error(f"--big-head must be V,H, got {args.big_head!r}")
+    args.big_head = None if v == 0 or h == 0 else (v, h)
+    return args
+
+
+def device_for(args) -> torch.device:
+    """cuda (the check) or cpu (a dry run); a real run without CUDA is an error."""
+    if args.dry_run:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: CUDA is not available; use --dry-run to exercise the logic on CPU")
+    return torch.device("cuda")
+
+
+# --------------------------------------------------------------------------- 1. compile
+
+def _kernel_facts(compiled) -> dict:
+    """Registers, spills, shared memory, wgmma / TMA presence of a CompiledKernel."""
+    try:
+        compiled._init_handles()
+    except Exception:
+        pass
+    ptx = (getattr(compiled, "asm", {}) or {}).get("ptx", "") or ""
+    md = getattr(compiled, "metadata", None)
+    shared = getattr(md, "shared", None) if md is not None else None
+    return dict(registers=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
+                shared_bytes=shared, wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                ptx_lines=ptx.count("\n"))
+
+
+def compile_section(device, shape) -> list[dict]:
+    """Compile each kernel variant at the target shapes (no launch) and record its facts."""
+    if device.type != "cuda":
+        return [dict(kernel="all", status="skipped", note="no CUDA (dry run): nothing compiled")]
+    from cepo_kernels import triton_kernels as tk
+    from cepo_kernels import triton_ops
+    n, h, v = shape["N"], shape["H"], shape["V"]
+    rows = []
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    hid = torch.empty(3, 16, h, **bf16)
+    w = torch.empty(16, h, **bf16)
+    y = torch.zeros(16, dtype=torch.int64, device=device)
+    vec = torch.empty(16, **f32)
+    i32 = torch.zeros(16, dtype=torch.int32, device=device)
+    i8 = torch.zeros(16, dtype=torch.int8, device=device)
+    for k, epi in ((1, False), (3, True)):
+        for bm, bv, bd, warps, stages in triton_ops.CUDA_CONFIGS:
+            name = f"stacked_fwd K={k}{' +epilogue' if epi else ''} BLOCK {bm}x{bv}x{bd} w{warps} s{stages}"
+            try:
+                c = tk.stacked_fwd_kernel.warmup(
+                    hid, h * n, h, w, h, y, vec, i32, vec, vec, vec, vec, i8, vec, vec, i8,
+                    n, v, h, 1.0, 0.5, 0.2, 4, 1024, grid=(1,), K=k, WITH_ENTROPY=False,
+                    EPILOGUE=epi, DIRECT=not epi, UPCAST=False, BLOCK_M=bm, BLOCK_V=bv,
+                    BLOCK_D=bd, GROUP_M=8, num_warps=warps, num_stages=stages)
+                rows.append(dict(kernel=name, status="ok", **_kernel_facts(c)))
+            except Exception as e:  # noqa: BLE001 - recorded
+                rows.append(dict(kernel=name, status="error", note=f"{type(e).__name__}: {str(e)[:300]}"))
+    z = torch.empty(16, v, **f32)
+    cfg = triton_ops.ROW_BLOCK
+    try:
+        c = tk.row_stats_kernel.warmup(z, v, y, vec, vec, vec, 4096, v, 1.0, grid=(1,),
+                                       WITH_ENTROPY=True, **cfg)
+        rows.append(dict(kernel="row_stats (entropy)", status="ok", **_kernel_facts(c)))
+    except Exception as e:  # noqa: BLE001
+        rows.append(dict(kernel="row_stats", status="error", note=f"{type(e).__name__}: {str(e)[:300]}"))
+    for dt in (torch.bfloat16, torch.float16):
+        dz = torch.empty(16, v, dtype=dt, device=device)
+        try:
+            c = tk.dz_kernel.warmup(z, v, dz, v, y, vec, vec, vec, vec, vec, 4096, v, 1.0, grid=(1,),
+                                    HAS_C=False, HAS_SCALE=dt == torch.float16, **cfg)
+            rows.append(dict(kernel=f"dz ({dt})", status="ok", **_kernel_facts(c)))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(kernel=f"dz ({dt})", status="error", note=f"{type(e).__name__}: {str(e)[:300]}"))
+    return rows
+
+
+# --------------------------------------------------------------------------- 2. correctness
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(n, h, v, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * 2).to(dtype).to(device).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(dtype).to(device).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::11] = -100
+    old = torch.randn(n, generator=g) * 0.3 - 4.0
+    adv = torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) > 0.2
+    return hidden, weight, targets.to(device), old.to(device), adv.to(device), mask.to(device)
+
+
+def correctness_cases(dry_run: bool) -> list[dict]:
+    """The cases of section 2: (op, dtype, forced splits) at the odd sizes."""
+    dtypes = ("fp32", "bf16") if dry_run else ("fp32", "bf16", "fp16")
+    cases = []
+    for dt in dtypes:
+        for splits in (1, 3, 7):
+            cases.append(dict(op="logprobs", dtype=dt, splits=splits))
+        cases.append(dict(op="evidence", dtype=dt, splits=3))
+        cases.append(dict(op="ppo_loss", dtype=dt, splits=None))
+    return cases
+
+
+def _one_case(case, device, backend, shape):
+    import cepo_kernels as ck
+    from cepo_kernels import reference, triton_ops
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case["dtype"]]
+    n, h, v = shape["N"], shape["H"], shape["V"]
+    hidden, weight, targets, old, adv, mask = _inputs(n, h, v, dtype, device, seed=n + v)
+    triton_ops.FORCE_NUM_SPLITS = case["splits"]
+    saved_chunk = triton_ops.GPU_CHUNK_BYTES
+    triton_ops.GPU_CHUNK_BYTES = 6 * v * 64  # chunks of 64 rows: dW accumulates over 6 chunks
+    try:
+        errs = {}
+        if case["op"] == "logprobs":
+            out = ck.fused_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True,
+                                    backend=backend)
+            ref = reference.fused_logprobs(hidden, weight, targets, temperature=0.7,
+                                           return_entropy=True)
+            for name, a, b in zip(("logprobs", "logsumexp", "entropy"), out, ref):
+                errs[name] = _rel(a, b)
+            wts = torch.linspace(0.5, 1.5, n, device=device)
+
+            def f(o):
+                return (wts * o.logprobs).sum() + 0.3 * (wts * o.entropy).sum()
+            got = torch.autograd.grad(f(out), [hidden, weight])
+            want = torch.autograd.grad(f(ref), [hidden, weight])
+        elif case["op"] == "evidence":
+            g = torch.Generator().manual_seed(1)
+            h_pos = (hidden.detach().float().cpu() + 0.4 * torch.randn(n, h, generator=g)).to(dtype).to(device)
+            h_neg = (hidden.detach().float().cpu() + 0.4 * torch.randn(n, h, generator=g)).to(dtype).to(device)
+            out = ck.contrastive_evidence(hidden.detach(), h_pos, h_neg, weight.detach(), targets, adv,
+                                          mask, lam=0.4, eps_w=0.2, temperature=0.7, backend=backend)
+            ref = reference.contrastive_evidence(hidden.detach(), h_pos, h_neg, weight.detach(), targets,
+                                                 adv, mask, lam=0.4, eps_w=0.2, temperature=0.7)
+            for name in ("lp_policy", "lp_pos", "lp_neg", "delta", "token_advantages"):
+                errs[name] = _rel(getattr(out, name), getattr(ref, name))
+            got = want = ()
+        else:
+            kw = dict(temperature=0.7, return_entropy=True)
+            loss, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                               backend=backend, **kw)
+            ref_loss, _ = reference.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, **kw)
+            errs["loss"] = _rel(loss, ref_loss)
+            got = torch.autograd.grad(loss, [hidden, weight])
+            want = torch.autograd.grad(ref_loss, [hidden, weight])
+        for name, a, b in zip(("d_hidden", "d_weight"), got, want):
+            if a.dtype != dtype:
+                errs[name + "_dtype"] = float("inf")
+            errs[name] = _rel(a.float(), b)
+    finally:
+        triton_ops.FORCE_NUM_SPLITS = None
+        triton_ops.GPU_CHUNK_BYTES = saved_chunk
+    tol = TOL[case["dtype"]]
+    worst = max(errs.values())
+    return dict(case, backend=backend, errors=errs, worst=worst, tol=tol,
+                status="ok" if worst <= tol else "FAIL")
+
+
+def _big_head_case(device, backend, big_head) -> dict:
+    """V x H > 2^31 elements: log-probs of a few rows against fp32 row chunks."""
+    import cepo_kernels as ck
+    v, h = big_head
+    n = 8
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        weight = (torch.randn(v, h, generator=g, device=device, dtype=torch.bfloat16) * (h ** -0.5))
+        hidden = torch.randn(n, h, generator=g, device=device, dtype=torch.bfloat16)
+        targets = torch.randint(0, v, (n,), generator=g, device=device)
+        targets[0] = v - 1  # the last row of the head: beyond 2^31 elements in
+        out = ck.fused_logprobs(hidden, weight, targets, backend=backend)
+        z = hidden.float() @ weight.float().T
+        ref = torch.log_softmax(z, -1).gather(1, targets[:, None])[:, 0]
+        err = _rel(out.logprobs, ref)
+        return dict(op="logprobs V x H > 2^31", dtype="bf16", splits=None, backend=backend,
+                    elements=v * h, errors={"logprobs": err}, worst=err, tol=2e-2,
+                    status="ok" if err <= 2e-2 else "FAIL")
+    except Exception as e:  # noqa: BLE001 - recorded
+        return dict(op="logprobs V x H > 2^31", status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def correctness_section(device, dry_run, big_head) -> list[dict]:
+    """Section 2: every case on every engine that runs on device."""
+    from cepo_kernels import backend as kb
+    backends = ["torch"]
+    if device.type == "cuda" or (kb.triton_available() and kb.interpreting()):
+        backends.append("triton")
+    shape = dict(ODD) if not dry_run else dict(N=37, H=16, V=101)
+    rows = []
+    for be in backends:
+        for case in correctness_cases(dry_run):
+            if be == "torch" and case["splits"] not in (None, 1):
+                continue  # split counts are a Triton notion
+            try:
+                rows.append(_one_case(case, device, be, shape))
+            except Exception as e:  # noqa: BLE001 - recorded
+                rows.append(dict(case, backend=be, status="error",
+                                 note=f"{type(e).__name__}: {str(e)[:300]}",
+                                 traceback=traceback.format_exc(limit=4)))
+    if big_head and not dry_run:
+        rows.append(_big_head_case(device, "triton", big_head))
+    return rows
+
+
+# --------------------------------------------------------------------------- 3. timing
+
+def timing_section(device, shape, ops, budget_s, skip=()) -> list[dict]:
+    """Section 3: every contender of each op at the shape (but those in skip), through
+    the benchmark harness."""
+    from bench import contenders as C
+    from bench.test_kernels import run_point
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    rows, started = [], time.perf_counter()
+    saved = dict(C.CONTENDERS)
+    try:
+        for op in ops:
+            C.CONTENDERS[op] = [(n, f) for n, f in saved[op] if n not in skip]
+        rows = _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point)
+    finally:
+        C.CONTENDERS.update(saved)
+    return rows
+
+
+def _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point) -> list[dict]:
+    rows = []
+    for op in ops:
+        if time.perf_counter() - started > budget_s:
+            rows.append(dict(op=op, contender="all", status="skipped",
+                             note=f"time budget of {budget_s:.0f} s spent"))
+            continue
+        pt = C.Point(op, shape["N"], shape["V"], shape["H"], dtype, seq_len=min(shape["N"], 1024))
+        try:
+            rows.extend(run_point(pt, str(device)))
+        except Exception as e:  # noqa: BLE001 - recorded
+            rows.append(dict(op=op, contender="all", status="error", note=f"{type(e).__name__}: {str(e)[:300]}"))
+    return rows
+
+
+# --------------------------------------------------------------------------- 4. report
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if math.isinf(x) or math.isnan(x):
+            return str(x)
+        return f"{x:.3g}"
+    return str(x)
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown tables (one per section)."""
+    m = report["meta"]
+    lines = [f"# cepo_kernels GPU check: {m['device']}", "",
+             f"- date: {m['date']}; command: `{m['command']}`; dry run: {_fmt(m['dry_run'])}",
+             f"- torch {m['versions'].get('torch')}, triton {m['versions'].get('triton')}, "
+             f"liger-kernel {m['versions'].get('liger-kernel')}, cut-cross-entropy "
+             f"{m['versions'].get('cut-cross-entropy')}",
+             f"- timing shape: N={m['shape']['N']} H={m['shape']['H']} V={m['shape']['V']}; "
+             f"wall time {m.get('wall_s', 0):.0f} s", ""]
+    comp = report.get("compile")
+    if comp is not None:
+        lines += ["## Compile", "", "| kernel | status | registers | spills | shared bytes | wgmma | TMA | note |",
+                  "|---|---|---:|---:|---:|---|---|---|"]
+        for r in comp:
+            lines.append("| " + " | ".join([r["kernel"], r["status"], _fmt(r.get("registers")),
+                                            _fmt(r.get("spills")), _fmt(r.get("shared_bytes")),
+                                            _fmt(r.get("wgmma")), _fmt(r.get("tma")),
+                                            (r.get("note") or "").replace("|", "/")]) + " |")
+        lines.append("")
+    corr = report.get("correctness")
+    if corr is not None:
+        lines += ["## Correctness (relative error against float64)", "",
+                  "| op | dtype | splits | backend | worst rel err | tol | status | errors |",
+                  "|---|---|---:|---|---:|---:|---|---|"]
+        for r in corr:
+            errs = ", ".join(f"{k} {_fmt(v)}" for k, v in (r.get("errors") or {}).items())
+            lines.append("| " + " | ".join([r.get("op", "-"), r.get("dtype", "-"), _fmt(r.get("splits")),
+                                            r.get("backend", "-"), _fmt(r.get("worst")), _fmt(r.get("tol")),
+                                            r["status"], (errs or r.get("note") or "").replace("|", "/")]) + " |")
+        lines.append("")
+    tim = report.get("timing")
+    if tim is not None:
+        lines += ["## Timing", "", "| op | contender | time ms | x floor | TFLOP/s | peak extra MB | status |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in tim:
+            status = r.get("status", "-")
+            if status != "ok" and r.get("note"):
+                status = f"{status}: {r['note']}"
+            lines.append("| " + " | ".join([r.get("op", "-"), r.get("contender", "-"), _fmt(r.get("time_ms")),
+                                            _fmt(r.get("x_floor")), _fmt(r.get("tflops")),
+                                            _fmt(r.get("peak_extra_mb")), status.replace("|", "/")]) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str, report: dict) -> list[str]:
+    """gpu_check.json and gpu_check.md in out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "gpu_check.json"), os.path.join(out_dir, "gpu_check.md")]
+    with open(paths[0], "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(paths[1], "w") as f:
+        f.write(markdown(report))
+    return paths
+
+
+def _versions() -> dict:
+    from importlib import metadata
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("triton", "liger-kernel", "cut-cross-entropy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except Exception:
+            out[pkg] = None
+    return out
+
+
+def main(argv=None) -> int:
+    """Run the sections asked for and write the report; exit status 1 if a check failed."""
+    args = parse_args(argv)
+    device = device_for(args)
+    started = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    report = {"meta": dict(device=name, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                           command="python bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           dry_run=args.dry_run, shape=args.shape, versions=_versions())}
+    if "compile" in args.sections:
+        report["compile"] = compile_section(device, args.shape)
+        write_report(args.out, report)  # partial results survive a later crash or timeout
+    if "correctness" in args.sections:
+        report["correctness"] = correctness_section(device, args.dry_run, args.big_head)
+        write_report(args.out, report)
+    if "timing" in args.sections:
+        report["timing"] = timing_section(device, args.shape, args.ops, args.budget_s, args.skip)
+    report["meta"]["wall_s"] = time.perf_counter() - started
+    paths = write_report(args.out, report)
+    print(markdown(report))
+    print("wrote " + ", ".join(paths))
+    failed = [r for sec in ("compile", "correctness") for r in report.get(sec) or []
+              if r.get("status") in ("FAIL", "error")]
+    failed += [r for r in report.get("timing") or [] if r.get("status") in ("mismatch", "error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

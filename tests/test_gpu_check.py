@@ -1,0 +1,79 @@
+"""bench/gpu_check.py without a GPU: argument parsing, report writing, and a dry run of
+every section on CPU at tiny shapes."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "bench", "gpu_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parse_args_defaults_and_errors(gpu_check, tmp_path):
+    args = gpu_check.parse_args(["--out", str(tmp_path)])
+    assert args.sections == ["compile", "correctness", "timing"]
+    assert args.shape == dict(N=16_384, H=2048, V=151_936) and not args.dry_run
+    assert args.big_head[0] * args.big_head[1] > 2 ** 31
+    args = gpu_check.parse_args(["--dry-run", "--sections", "correctness", "--ops", "ppo_loss",
+                                 "--shape", "8,4,16", "--big-head", "0,0"])
+    assert args.sections == ["correctness"] and args.ops == ["ppo_loss"]
+    assert args.shape == dict(N=8, H=4, V=16) and args.big_head is None
+    assert gpu_check.parse_args(["--dry-run"]).shape == gpu_check.TINY
+    for bad in (["--sections", "compile,bogus"], ["--ops", "nope"], ["--shape", "1,2"],
+                ["--big-head", "x"]):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_real_run_needs_cuda(gpu_check):
+    with pytest.raises(SystemExit, match="--dry-run"):
+        gpu_check.device_for(gpu_check.parse_args([]))
+
+
+def test_report_writing(gpu_check, tmp_path):
+    report = {
+        "meta": dict(device="X", date="d", command="c", dry_run=False, shape=dict(N=1, H=2, V=3),
+                     versions={}, wall_s=1.0),
+        "compile": [dict(kernel="k", status="ok", registers=128, spills=0, shared_bytes=98304,
+                         wgmma=True, tma=False)],
+        "correctness": [dict(op="logprobs", dtype="bf16", splits=3, backend="triton",
+                             errors={"logprobs": 1e-3}, worst=1e-3, tol=2e-2, status="ok")],
+        "timing": [dict(op="ppo_loss", contender="ours", time_ms=12.5, x_floor=1.1, tflops=700.0,
+                        peak_extra_mb=300.0, status="ok"),
+                   dict(op="ppo_loss", contender="cce", status="n/a", note="n/a | reason")],
+    }
+    paths = gpu_check.write_report(str(tmp_path), report)
+    assert [os.path.basename(p) for p in paths] == ["gpu_check.json", "gpu_check.md"]
+    assert json.load(open(paths[0]))["compile"][0]["registers"] == 128
+    md = open(paths[1]).read()
+    assert "| k | ok | 128 | 0 | 98304 | yes | no |" in md
+    assert "| logprobs | bf16 | 3 | triton | 0.001 | 0.02 | ok |" in md
+    assert "| ppo_loss | ours | 12.5 | 1.1 | 700 | 300 | ok |" in md
+    assert "n/a: n/a / reason" in md  # a '|' in a note cannot break the table
+
+
+def test_dry_run_end_to_end(gpu_check, tmp_path):
+    rc = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--ops", "ppo_loss,evidence",
+                         "--shape", "64,16,256", "--skip", "torch.compile,cce"])  # no cold compiles
+    report = json.load(open(tmp_path / "gpu_check.json"))
+    assert rc == 0, open(tmp_path / "gpu_check.md").read()
+    assert report["meta"]["dry_run"] and report["compile"][0]["status"] == "skipped"
+    corr = report["correctness"]
+    assert corr and all(r["status"] == "ok" for r in corr)
+    assert {r["op"] for r in corr} == {"logprobs", "evidence", "ppo_loss"}
+    timed = {(r["op"], r["contender"]): r for r in report["timing"]}
+    assert timed[("ppo_loss", "ours")]["status"] == "ok" and timed[("ppo_loss", "ours")]["time_ms"] > 0
+    assert timed[("evidence", "floor")]["status"] == "ok"
+    assert ("ppo_loss", "torch.compile") not in timed
+    assert "## Timing" in open(tmp_path / "gpu_check.md").read()

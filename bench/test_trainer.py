@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 import torch
 
 from bench import trainer

@@ -18,12 +18,13 @@ log = logging.getLogger("cepo")
 
 def load_tokenizer(cfg: TrainConfig):
     """The model's tokenizer (local files only), with a pad token (EOS when it has none).
-    ``local_files_only`` is a loading detail: it is not written into an exported
+    ``local_files_only`` / ``is_local`` are loading details: they are not written into an exported
     tokenizer_config.json."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
-    tokenizer.init_kwargs.pop("local_files_only", None)
+    for loading_detail in ("local_files_only", "is_local"):
+        tokenizer.init_kwargs.pop(loading_detail, None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -88,13 +89,23 @@ def compute_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
 
 
+def attention_for(cfg: TrainConfig, device: torch.device) -> str:
+    """The attention implementation: the configured one (checked against the compute
+    dtype: flash-attn refuses fp32) or the default for this device and dtype."""
+    from cepo.model import check_attn_implementation, default_attn_implementation
+
+    dtype = torch.bfloat16 if compute_bf16(cfg, device) else torch.float32
+    attn = cfg.attn_implementation or default_attn_implementation(device, dtype)
+    check_attn_implementation(attn, dtype)
+    return attn
+
+
 def build_policy(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
     """The trainable policy (optionally LoRA), sharded with FSDP2."""
-    from cepo.model import default_attn_implementation, load_causal_lm
+    from cepo.model import load_causal_lm
 
     bf16 = compute_bf16(cfg, device)
-    attn = cfg.attn_implementation or default_attn_implementation(
-        device, torch.bfloat16 if bf16 else torch.float32)
+    attn = attention_for(cfg, device)
     lm = load_causal_lm(cfg.model, dtype=torch.float32, attn_implementation=attn)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -108,10 +119,9 @@ def build_policy(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
 
 def build_reference(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
     """A frozen copy of the initial policy for the k3 KL (only when kl_coef > 0)."""
-    from cepo.model import default_attn_implementation, load_causal_lm
+    from cepo.model import load_causal_lm
 
-    attn = cfg.attn_implementation or default_attn_implementation(
-        device, torch.bfloat16 if compute_bf16(cfg, device) else torch.float32)
+    attn = attention_for(cfg, device)
     ref = FusedHeadPolicy(load_causal_lm(cfg.model, dtype=torch.float32, attn_implementation=attn))
     ref.requires_grad_(False)
     ref.to(device)

@@ -20,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cepo.distributed import free_port
+
 ALGOS = ("grpo", "rlsd", "cepo")
 
 
@@ -27,7 +29,7 @@ def _run(algo: str, seed: int, run_dir: Path, args, extra: list[str], threads: i
     if (run_dir / "summary.json").exists():  # finished earlier: reuse (delete to rerun)
         return run_dir
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_port", str(29500 + 17 * seed + ALGOS.index(algo) + (os.getpid() % 97) * 50),
+           "--master_port", str(free_port()),
            "-m", "cepo.train", "--algo", algo, "--seed", str(seed), "--output_dir", str(run_dir),
            "--eval_every", str(args.eval_every), "--eval_samples", str(args.k),
            "--dump_evidence", "true" if algo != "grpo" else "false", "--progress", "false",

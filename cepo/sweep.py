@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cepo.contexts import NATURAL_HINT_TEMPLATE
+from cepo.distributed import free_port
 
 HARD_TRAIN = "train_3ops.jsonl"
 
@@ -53,12 +53,6 @@ OPTIONAL: dict[str, list[str]] = {  # not in the default sweep (budget); --varia
     "grpo, lr x0.5": ["--algo", "grpo", "--lr_scale", "0.5"],
     "cepo, lr x0.5": ["--algo", "cepo", "--lr_scale", "0.5"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_hard_train(path: Path, num_train: int = 2000) -> Path:
@@ -89,7 +83,7 @@ def _run(run_dir: Path, args: list[str], seed: int, eval_every: int, extra: list
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-           "--master_port", str(_free_port()), "-m", "cepo.train", "--seed", str(seed),
+           "--master_port", str(free_port()), "-m", "cepo.train", "--seed", str(seed),
            "--output_dir", str(run_dir), "--eval_every", str(eval_every), "--progress", "false",
            "--checkpoint_every", "0", "--export", "false", *args, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")

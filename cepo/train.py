@@ -473,7 +473,7 @@ def run(cfg: TrainConfig) -> dict:
     from cepo.threads import configure_threads
 
     wall0 = time.perf_counter()
-    info = dist_utils.init_distributed(cfg.device)
+    info = dist_utils.init_distributed(cfg.device, cpu_offload=cfg.cpu_offload)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if info.device.type == "cpu":

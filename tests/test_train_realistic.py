@@ -64,7 +64,7 @@ def test_bpe_chat_model_end_to_end(bpe, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["peak_memory_gb"] > 0.1
     exported = json.loads((out / "export" / "tokenizer_config.json").read_text())
-    assert "local_files_only" not in exported
+    assert "local_files_only" not in exported and "is_local" not in exported
     again = AutoTokenizer.from_pretrained(out / "export", local_files_only=True)
     assert again.apply_chat_template([{"role": "user", "content": "1+1"}], tokenize=False) == \
         tok.apply_chat_template([{"role": "user", "content": "1+1"}], tokenize=False)

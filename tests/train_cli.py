@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cepo.distributed import free_port  # noqa: F401  (re-exported for the tests)
+
 TESTS = Path(__file__).parent
 
 
@@ -36,10 +38,3 @@ def step_rows(out: Path) -> dict[int, dict]:
     """metrics.jsonl rows of training steps (not evaluation-only rows), by step."""
     return {r["step"]: r for r in rows(out) if "loss" in r}
 
-
-def free_port() -> int:
-    """A TCP port free on this machine now (for torchrun's --master_port)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,4 +1,4 @@
-"""Group advantages (DESIGN.md step 1) and the lambda schedule (step 5)."""
+"""Group advantages (docs/algorithm.md step 1) and the lambda schedule (step 5)."""
 
 from __future__ import annotations
 

@@ -7,14 +7,10 @@ model is given the boundaries explicitly (cepo.model.packed_attention_kwargs: va
 attention never crosses sequences on any supported transformers version:
 tests/test_packing.py checks packed == one by one.
 
-Planning works on lengths only, so every rank can compute the same plan:
-
-    parts = balance_across_ranks(lengths, world_size)        # sequences per rank
-    plan  = plan_micro_batches(lengths, world_size, budget)  # + micro-batches, equal counts
-
-An empty micro-batch (``[]``) is a rank's turn with nothing to run; it must still do a
-zero-contribution forward/backward (FSDP2 collectives must match across ranks): use
-``padding_micro_batch``.
+Planning works on lengths only: ``balance_across_ranks`` spreads sequences over ranks by
+tokens, ``pack_by_budget`` fills one rank's micro-batches. Every rank must run the same
+number of micro-batches (FSDP2's collectives must match): a rank with fewer runs
+``padding_micro_batch``, a zero-contribution forward/backward (cepo.step.micro_batches).
 """
 
 from __future__ import annotations
@@ -118,32 +114,6 @@ def balance_across_ranks(lengths: list[int], world_size: int) -> list[list[int]]
         parts[r].append(i)
         loads[r] += lengths[i]
     return [sorted(p) for p in parts]
-
-
-def equalize_micro_batch_counts(per_rank: list[list[list[int]]]) -> list[list[list[int]]]:
-    """Pad every rank's micro-batch list with empty micro-batches (``[]``) to the longest.
-
-    FSDP2 needs every rank to run the same number of forward/backward calls; a rank
-    runs ``padding_micro_batch`` for each ``[]``. Input and output: [rank][micro-batch]
-    -> sequence indices.
-    """
-    count = max((len(m) for m in per_rank), default=0)
-    return [list(m) + [[] for _ in range(count - len(m))] for m in per_rank]
-
-
-def plan_micro_batches(lengths: list[int], world_size: int,
-                       token_budget: int) -> list[list[list[int]]]:
-    """Balance sequences across ranks, pack each rank's to the budget, equalise counts.
-
-    Returns plan[rank][k] = global sequence indices of rank's k-th micro-batch; every
-    rank has the same number of micro-batches, ``[]`` meaning a padding turn. Depends on
-    the lengths only, so every rank that knows all lengths computes the same plan.
-    """
-    per_rank = []
-    for part in balance_across_ranks(lengths, world_size):
-        local = pack_by_budget([lengths[i] for i in part], token_budget)
-        per_rank.append([[part[j] for j in mb] for mb in local])
-    return equalize_micro_batch_counts(per_rank)
 
 
 def pack_sequences(seqs: list[list[int]]) -> PackedBatch:

@@ -312,6 +312,12 @@ def report_step(run: Run, step: int, metrics: dict, active: bool) -> None:
         log.warning("step %d: no group had a wrong answer with an extractable final answer, so "
                     "CEPO fell back to RLSD for every group (answer_extraction=%s; read "
                     "samples.jsonl to see what the model writes)", step + 1, cfg.answer_extraction)
+    unparseable = metrics.get("verifier_status_unparseable") or 0.0
+    if unparseable >= 0.5:
+        log.warning("step %d: %.0f%% of the responses had no final answer the verifier could "
+                    "extract (answer_extraction=%s: ask for \\boxed{} in the prompt or with "
+                    "--system_prompt; samples.jsonl shows what the model writes)", step + 1,
+                    100 * unparseable, cfg.answer_extraction)
     diff = metrics.get("logprob_diff_mean")
     if diff is not None and diff > cfg.logprob_diff_warn:
         log.warning("step %d: the sampler's token log-probs differ from the trainer's by %.3g on "

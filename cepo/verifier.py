@@ -229,24 +229,25 @@ def _worker(conn, reward_fn_spec, format_reward, answer_extraction):
 
 def _main_imports() -> list[str]:
     """The modules a child of multiprocessing will import when it re-runs the parent's
-    main module: the main module itself when run with ``-m`` (``python -m cepo.train``,
-    torchrun -m), else, for a script run by path (a console script, bench/...py), the
-    modules its namespace came from (``from cepo.train import main`` gives cepo.train).
-    Empty when children skip the main module (``-c``, interactive, a package __main__)."""
+    main module: the modules the main module's namespace came from (``python -m
+    cepo.train`` gives torch, cepo.build, ...; ``from cepo.train import main`` in a
+    script gives cepo.train), never the ``-m`` module itself (runpy would warn that it is
+    already in sys.modules before it runs). Empty when children skip the main module
+    (``-c``, interactive, a package __main__)."""
     main = sys.modules.get("__main__")
     if main is None:
         return []
     name = getattr(getattr(main, "__spec__", None), "name", None)
-    if name is not None:
-        return [] if name == "__main__" or name.endswith(".__main__") else [name]
-    if getattr(main, "__file__", None) is None:
+    if name is not None and (name == "__main__" or name.endswith(".__main__")):
+        return []
+    if name is None and getattr(main, "__file__", None) is None:
         return []
     names = set()
     for value in list(vars(main).values()):
         module = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
         if isinstance(module, str):
             names.add(module)
-    return sorted(names - {"__main__", "builtins"})
+    return sorted(names - {"__main__", "builtins", name})
 
 
 def _context():

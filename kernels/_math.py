@@ -12,7 +12,7 @@ from ._types import PPOStats
 
 
 def evidence_epilogue(lp_policy, lp_pos, lp_neg, advantages, has_negative, valid, *, lam, eps_w):
-    """DESIGN.md steps 3-5: (delta, token_advantages, clipped), each [N].
+    """docs/algorithm.md steps 3-5: (delta, token_advantages, clipped), each [N].
 
     delta = lp_pos - lp_neg where has_negative else lp_pos - lp_policy (RLSD fallback);
     w = clip(exp(sign(A) delta), 1 - eps_w, 1 + eps_w); A_t = A ((1 - lam) + lam w).

@@ -52,7 +52,7 @@ def contrastive_evidence(h_policy: torch.Tensor, h_pos: torch.Tensor, h_neg: tor
     policy context, the correct-answer teacher and the wrong-answer teacher. advantages [N]:
     the sequence advantage A broadcast to its tokens; has_negative [N] bool: False where
     the group had no wrong answer (RLSD fallback delta = lp_pos - lp_policy). Computes
-    DESIGN.md steps 3-5: delta = lp_pos - lp_neg, w = clip(exp(sign(A) delta), 1 +- eps_w),
+    docs/algorithm.md steps 3-5: delta = lp_pos - lp_neg, w = clip(exp(sign(A) delta), 1 +- eps_w),
     token_advantages = A ((1 - lam) + lam w). No gradient. On CUDA: one Triton launch in
     which each weight tile is loaded once and multiplied against all three contexts.
     """

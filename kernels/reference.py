@@ -1,7 +1,7 @@
 """Naive reference implementations: materialise the [N, V] logits, work in float64.
 
 Used only by tests and benchmarks as the ground truth (and as the 'reference' backend).
-Every quantity is written the plain way, straight from DESIGN.md; gradients come from
+Every quantity is written the plain way, straight from docs/algorithm.md; gradients come from
 torch autograd through the float64 computation, so ``torch.autograd.gradcheck`` applies.
 Outputs are float64.
 """

@@ -96,7 +96,7 @@ def _finalize_context(k, m, s, t, z_target, valid, toks, tok_ok, N, lp_ptr, lse_
 @triton.jit
 def _evidence_epilogue(lp_pol, lp_pos, lp_neg, valid, toks, tok_ok, adv_ptr, has_neg_ptr,
                        delta_ptr, tok_adv_ptr, clipped_ptr, lam, eps_w):
-    """DESIGN.md steps 3-5 on the three log-probs of BLOCK_M tokens."""
+    """docs/algorithm.md steps 3-5 on the three log-probs of BLOCK_M tokens."""
     adv = tl.load(adv_ptr + toks, mask=tok_ok, other=0.0).to(tl.float32)
     has_neg = tl.load(has_neg_ptr + toks, mask=tok_ok, other=0) != 0
     delta = tl.where(has_neg, lp_pos - lp_neg, lp_pos - lp_pol)

@@ -73,7 +73,7 @@ def _trainer_pid() -> int:
     pid = os.getppid()
     while pid > 1:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"cepo.train" in f.read():
+            if b"-m\x00cepo.train\x00" in f.read():  # not a forkserver preloading it
                 return pid
         with open(f"/proc/{pid}/stat") as f:
             pid = int(f.read().rsplit(")", 1)[1].split()[1])

@@ -1,4 +1,4 @@
-"""contrastive_evidence: three log-probs and the CEPO epilogue (DESIGN.md steps 3-5)."""
+"""contrastive_evidence: three log-probs and the CEPO epilogue (docs/algorithm.md steps 3-5)."""
 
 import math
 
@@ -11,7 +11,7 @@ from kernel_cases import ENGINES, TOL, head_inputs, rel_err
 
 
 def restated_epilogue(lp_pol, lp_pos, lp_neg, adv, has_neg, valid, lam, eps_w):
-    """DESIGN.md steps 3-5, written independently, one token at a time in Python floats."""
+    """docs/algorithm.md steps 3-5, written independently, one token at a time in Python floats."""
     deltas, advs, clips = [], [], []
     for i in range(len(adv)):
         if not valid[i]:

@@ -16,9 +16,9 @@ from cepo import packing
 from cepo.model import (block_causal_mask, body_hidden_states, check_supported, decoder_body,
                         default_attn_implementation, lm_head_weight, load_causal_lm,
                         packed_attention_kwargs)
-from cepo.packing import (PackedBatch, balance_across_ranks, equalize_micro_batch_counts,
+from cepo.packing import (PackedBatch, balance_across_ranks,
                           pack_by_budget, pack_sequences, padding_micro_batch,
-                          plan_micro_batches, response_gather_index)
+                          response_gather_index)
 from tiny_lm import make_tiny_model_dir
 
 HAS_CUDA = torch.cuda.is_available()
@@ -83,24 +83,6 @@ def test_balance_across_ranks_skewed():
     with pytest.raises(ValueError, match="world_size"):
         balance_across_ranks([1], 0)
 
-
-def test_plan_micro_batches_equal_counts_with_padding():
-    lengths = [500] + [10] * 10  # rank 0: the long one; rank 1: all short ones
-    plan = plan_micro_batches(lengths, 2, token_budget=40)
-    counts = {len(p) for p in plan}
-    assert len(counts) == 1  # every rank runs the same number of micro-batches
-    assert [] in plan[0]  # the shorter list was padded with empty micro-batches
-    assert sorted(i for p in plan for mb in p for i in mb) == list(range(len(lengths)))
-    for p in plan:
-        for mb in p:
-            assert sum(lengths[i] for i in mb) <= 40 or len(mb) == 1
-    assert equalize_micro_batch_counts([[[0]], [[1], [2], [3]], []]) == [
-        [[0], [], []], [[1], [2], [3]], [[], [], []]]
-    assert equalize_micro_batch_counts([]) == []
-    assert plan_micro_batches([], 2, 10) == [[], []]
-
-
-# --------------------------------------------------------------------------- rows
 
 def test_pack_sequences_layout():
     batch = pack_sequences([[1, 2, 3, 4], [5], [7, 8, 9]])

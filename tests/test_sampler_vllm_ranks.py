@@ -6,37 +6,21 @@ rank's call holds: the rollouts of a step do not depend on the number of process
 Run as a script by the test (``python -m torch.distributed.run ... this_file``)."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).parent
-FLAKE = "terminate called without an active exception"  # see tests/test_weight_sync.py
 CONTENTS = ("1+2", "(3*4)-5", "9", "12*(3+4)-56/8", "0")
 SEEDS = [31, 32, 33, 34, 35]
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(model_dir, out, mode):
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                               "2", "--master_port", str(_free_port()), __file__,
-                               str(model_dir), str(out), mode],
-                              check=False, timeout=300, capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1",
-                                       VLLM_ENABLE_V1_MULTIPROCESSING="1"))
-        if proc.returncode == 0 or FLAKE not in proc.stderr:
-            break
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    from launch import torchrun, worker_env
+
+    torchrun([__file__, str(model_dir), str(out), mode], nproc=2,
+             env=worker_env(VLLM_ENABLE_V1_MULTIPROCESSING="1"))
     return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
 
 
@@ -94,8 +78,10 @@ def main(model_dir: str, out: str, mode: str) -> None:
         result["all"] = tokens(engine.generate(prompts, 3, params, seeds=SEEDS))
         engine.close()
     Path(f"{out}.{rank}").write_text(json.dumps(result))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    from cepo.distributed import shutdown
+
     main(*sys.argv[1:4])
+    shutdown()

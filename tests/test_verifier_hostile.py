@@ -90,7 +90,9 @@ def test_forkserver_preloads_what_children_reimport(monkeypatch):
     script.main = verifier.score_one          # as in "from cepo.verifier import score_one"
     monkeypatch.setitem(sys.modules, "__main__", script)
     assert verifier._main_imports() == ["cepo.verifier", "os"]
-    script.__spec__ = types.SimpleNamespace(name="cepo.train")  # python -m cepo.train
-    assert verifier._main_imports() == ["cepo.train"]
+    script.__spec__ = types.SimpleNamespace(name="cepo.train")  # python -m cepo.train:
+    script.score_one = verifier.score_one  # its imports, never the -m module itself
+    script.train_step = types.SimpleNamespace(__module__="cepo.train")
+    assert verifier._main_imports() == ["cepo.verifier", "os"]
     script.__spec__ = types.SimpleNamespace(name="pytest.__main__")  # children skip it
     assert verifier._main_imports() == []

@@ -45,7 +45,7 @@ def answer_extractor(mode: str = "boxed") -> Callable[[str], str | None]:
 
 @dataclass
 class CEPOOptions:
-    """CEPO's knobs (DESIGN.md steps 2-5). ``lambda0 = 0`` turns CEPO off (GRPO exactly).
+    """CEPO's knobs (docs/algorithm.md steps 2-5). ``lambda0 = 0`` turns CEPO off (GRPO exactly).
 
     lambda0 / t_warm / schedule: lambda decays from lambda0 to 0 over t_warm optimizer
     steps (cepo.algorithms.lambda_at). eps_w: token weights are clipped to 1 +- eps_w.
@@ -176,7 +176,7 @@ def token_advantages(run, *, policy_contexts: Sequence[Sequence[int]],
                      advantages: torch.Tensor, lam: float, eps_w: float, temperature: float,
                      pad_id: int, batch_size: int, backend: str | None = None
                      ) -> tuple[torch.Tensor, dict[str, float]]:
-    """CEPO token advantages [B, T] for a batch of B rollouts (DESIGN.md steps 2-5).
+    """CEPO token advantages [B, T] for a batch of B rollouts (docs/algorithm.md steps 2-5).
 
     run(input_ids, attention_mask, fn) -> fn(hidden [rows, S, H], lm_head), computed in the
     model's forward (cepo.integrations.head.run_head). *_contexts: per rollout, the prompt

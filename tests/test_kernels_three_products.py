@@ -100,8 +100,10 @@ def test_skipping_zero_rows_changes_nothing(monkeypatch):
         w = torch.where(mask, 1.0, 0.0)  # a zero upstream gradient on the masked rows
         out[skip] += tuple(grads((w * lp_out.logprobs).sum() + (w * lp_out.entropy).sum(),
                                  hidden, weight))
+    # equal up to fp32 rounding: fewer rows change the GEMM's shape, and with several BLAS
+    # threads its summation order (seen at 2 threads: 7e-7 absolute on gradients of ~0.1)
     for a, b in zip(out[True], out[False]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_ppo_loss_runs_three_products(monkeypatch):

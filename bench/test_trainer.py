@@ -42,7 +42,7 @@ def markdown(meta: dict) -> str:
                 f" | {r['step_s']:.3f} | {r['step_median_s']:.3f} | {rel} | "
                 f"{r['generate_share']:.0%} | {r['tokens_per_s']:.0f} | "
                 f"{r['peak_memory_gb']:.2f} |")
-        first = split["rows"][0]
+        first = next((r for r in split["rows"] if r["algo"] == "cepo"), split["rows"][0])
         lines += ["", f"Mean over steps {first['first_step_timed']}-"
                   f"{first['first_step_timed'] + first['steps_timed'] - 1} of each run (lambda "
                   f"{first['lambda_first']:.2f} -> {first['lambda_last']:.2f} for RLSD / CEPO: "

@@ -68,6 +68,17 @@ def _diff(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float):
     return max_d, within, finite, num ** 0.5, den ** 0.5
 
 
+def _grad_error(pairs) -> tuple[bool, float]:
+    """(all finite, max relative error ||a - b|| / ||b||) over (got, reference) gradient
+    pairs; the error is NaN once a gradient is not finite."""
+    finite, err = True, 0.0
+    for a, b in pairs:
+        _, _, fin, num, den = _diff(a, b, 0.0, 0.0)
+        finite &= fin
+        err = max(err, num / max(den, 1e-30)) if fin else float("nan")
+    return finite, err
+
+
 def compare(op: str, dtype: str, ref, out):
     """(ok, max_diff, grad_rel_err): out against the reference outputs ref."""
     tol = TOL[dtype]
@@ -80,12 +91,8 @@ def compare(op: str, dtype: str, ref, out):
     if op == "logprobs_grad":
         (lp, dh, dw), (lp_ref, dh_ref, dw_ref) = got, ref
         diff, ok, finite, _, _ = _diff(lp, lp_ref, tol["atol"], tol["rtol"])
-        grad_err = 0.0
-        for a, b in ((dh, dh_ref), (dw, dw_ref)):
-            _, _, fin, num, den = _diff(a, b, 0.0, 0.0)
-            finite &= fin
-            grad_err = max(grad_err, num / max(den, 1e-30)) if fin else float("nan")
-        return ok and finite and grad_err <= tol["grad"], diff, grad_err
+        fin, grad_err = _grad_error(((dh, dh_ref), (dw, dw_ref)))
+        return ok and finite and fin and grad_err <= tol["grad"], diff, grad_err
     if op in ("logprobs", "evidence"):
         diff, ok = 0.0, True
         for a, b in zip(got, ref):
@@ -95,12 +102,8 @@ def compare(op: str, dtype: str, ref, out):
         return ok, diff, None
     (loss, dh, dw), (loss_ref, dh_ref, dw_ref) = got, ref
     diff, ok, finite, _, _ = _diff(loss, loss_ref, tol["loss_atol"], tol["loss_rtol"])
-    grad_err = 0.0
-    for a, b in ((dh, dh_ref), (dw, dw_ref)):
-        _, _, fin, num, den = _diff(a, b, 0.0, 0.0)
-        finite &= fin
-        grad_err = max(grad_err, num / max(den, 1e-30)) if fin else float("nan")
-    return ok and finite and grad_err <= tol["grad"], diff, grad_err
+    fin, grad_err = _grad_error(((dh, dh_ref), (dw, dw_ref)))
+    return ok and finite and fin and grad_err <= tol["grad"], diff, grad_err
 
 
 def _row(point: C.Point, name: str) -> dict:

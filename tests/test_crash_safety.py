@@ -57,9 +57,7 @@ def test_sigkill_mid_step_then_resume_loses_nothing(tiny, tmp_path):
 def test_a_live_runs_directory_is_locked(tiny, tmp_path):
     out = tmp_path / "live"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cepo.run_lock import OutputDirLock; "
-         "OutputDirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
-         str(out)], stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", train_cli.HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         second = train(out, tiny, "--steps", "1")

@@ -8,13 +8,11 @@ import sys
 import pytest
 
 from cepo.run_lock import LauncherWatch, OutputDirLock, OutputDirLocked
-
-HOLD = ("import sys, time; from cepo.run_lock import OutputDirLock; "
-        "OutputDirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)")
+from train_cli import HOLD_LOCK
 
 
 def test_second_run_fails_naming_the_holder_then_the_lock_dies_with_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -38,3 +38,8 @@ def step_rows(out: Path) -> dict[int, dict]:
     """metrics.jsonl rows of training steps (not evaluation-only rows), by step."""
     return {r["step"]: r for r in rows(out) if "loss" in r}
 
+
+
+HOLD_LOCK = ("import sys, time; from cepo.run_lock import OutputDirLock; "
+             "OutputDirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)")
+"""``python -c HOLD_LOCK DIR``: a process that holds DIR's run lock until killed."""

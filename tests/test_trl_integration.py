@@ -344,6 +344,93 @@ def test_cepo_token_advantages_equal_cepo_pieces(tiny, tmp_path):
                               adv[:G, None].expand(G, token_adv.shape[1])[cmask[:G]])
 
 
+def test_cepo_token_advantages_equal_cepo_train_step(tiny, tmp_path, monkeypatch):
+    """The same rollouts through cepo.train's own step code (sample_groups with a sampler
+    and a verifier that replay TRL's completions and rewards, train_items, then
+    cepo.train.score_evidence: one packed pass, the chunked kernels) give the token
+    advantages the TRL adapter computed, row for row."""
+    import functools
+    from types import SimpleNamespace
+
+    from cepo import rollout as cepo_rollout
+    from cepo.answers import extract_answer
+    from cepo.contexts import render_prompt
+    from cepo.data import Example
+    from cepo.policy import FusedHeadPolicy
+    from cepo.rollout import sample_groups, train_items
+    from cepo.sampler import SamplingParams
+    from cepo.sampler.base import Completion
+    from cepo.step import Responses
+    from cepo.step_metrics import StepMetrics
+    from cepo.train import score_evidence
+    from cepo.verifier import Score
+
+    model, tokenizer = tiny
+    lam0, t_warm, eps_w, step = 0.5, 10, 0.2, 3
+    trainer = _trainer(CEPOGRPOTrainer, copy.deepcopy(model), tokenizer, tmp_path,
+                       reward=_pattern_reward, per_device_train_batch_size=12,
+                       cepo={"cepo_lambda0": lam0, "cepo_t_warm": t_warm, "cepo_eps_w": eps_w})
+    trainer.model.train()
+    trainer.state.global_step = step
+    rows = [dict(r) for r in _dataset(3)]
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([r for r in rows for _ in range(G)])
+    cmask = out["completion_mask"].bool()
+    trl_responses = [ids[m].tolist() for ids, m in zip(out["completion_ids"], cmask)]
+    eos = tokenizer.eos_token_id
+
+    class Replay:  # the sampler cepo.train would have called, returning TRL's completions
+        def generate(self, prompt_ids, n, params, seeds=None):
+            assert n == G and len(prompt_ids) == 3
+            groups = []
+            for g in range(3):
+                group = []
+                for i in range(G):
+                    ids = trl_responses[g * G + i]
+                    stop = bool(ids) and ids[-1] == eos
+                    body = ids[:-1] if stop else ids
+                    group.append(Completion(g, body, tokenizer.decode(body, skip_special_tokens=True),
+                                            "stop" if stop else "length",
+                                            stop_token_id=eos if stop else None))
+                groups.append(group)
+            return groups
+
+    class Verifier:  # TRL's rewards, as cepo's verifier reports them
+        def score(self, texts, answers):
+            return [Score(PATTERN[i], PATTERN[i] >= 1.0, "ok" if PATTERN[i] >= 1.0 else "wrong",
+                          extract_answer(t, "boxed")) for i, t in enumerate(texts)]
+
+    # TRL normalises by std + 1e-4, cepo by std + 1e-6: give cepo TRL's epsilon
+    monkeypatch.setattr(cepo_rollout, "group_advantages",
+                        functools.partial(cepo_rollout.group_advantages, eps=1e-4))
+    examples = [Example(r["prompt"][0]["content"], r["answer"], "trl") for r in rows]
+    groups = sample_groups(examples, [render_prompt(tokenizer, e.prompt) for e in examples],
+                           [0, 1, 2], sampler=Replay(), verifier=Verifier(), group_size=G,
+                           params=SamplingParams(max_new_tokens=48), std_normalize=True,
+                           wrong_answer_strategy="worst", find_wrong_answers=True)
+    assert groups.wrong_answers[0] is not None and groups.wrong_answers[1] is None
+    items = train_items(groups, build_contexts=functools.partial(build_contexts, tokenizer),
+                        with_teachers=True, algo="cepo")
+    kept = [i for i, r in enumerate(groups.rollouts) if r.advantage != 0.0 and r.response_ids]
+    assert len(kept) >= 4
+    run = SimpleNamespace(
+        cfg=SimpleNamespace(mini_batches=1, eps_w=eps_w, temperature=1.0, token_budget=256),
+        policy=FusedHeadPolicy(copy.deepcopy(model)).eval(), tokenizer=tokenizer,
+        info=SimpleNamespace(device=torch.device("cpu")))
+    lam = lambda_at(step, algo="cepo", lam0=lam0, t_warm=t_warm, schedule="linear")
+    resp = Responses.of([it.response_ids for it in items])
+    ev = score_evidence(run, items, resp, lam, StepMetrics())
+    for k, i in enumerate(kept):
+        n = len(items[k].response_ids)
+        first = resp.offsets[k]
+        torch.testing.assert_close(out["advantages"][i][cmask[i]],
+                                   ev.token_advantages[first:first + n].float(),
+                                   atol=2e-5, rtol=2e-5)
+    # rollouts the step skips (A = 0) keep their sequence advantage, 0, in TRL too
+    for i in set(range(3 * G)) - set(kept):
+        assert torch.all(out["advantages"][i][cmask[i]] == 0)
+
+
 def test_cepo_off_after_warmup_keeps_sequence_advantages(tiny, tmp_path):
     model, tokenizer = tiny
     trainer = _trainer(CEPOGRPOTrainer, copy.deepcopy(model), tokenizer, tmp_path,

@@ -7,11 +7,13 @@ scaling, no head bias.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 from torch import nn
 
+from cepo import varlen_attention
 from cepo.packing import PackedBatch
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
@@ -198,7 +200,9 @@ def body_hidden_states(body: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """[T, H] final hidden states (after the final norm) of one packed row.
 
     The sequence boundaries are passed explicitly (packed_attention_kwargs: varlen
-    cu_seqlens for flash-attention, a 4-D block-diagonal causal mask otherwise), so
+    cu_seqlens for flash-attention, a 4-D block-diagonal causal mask for eager and flex;
+    for "sdpa", the model's default, attention runs per sequence through
+    cepo.varlen_attention, with no T x T mask at all), so
     attention stays within each sequence whatever transformers would infer from the
     position ids; ``position_ids`` restart per sequence for the rotary embedding, and
     ``use_cache=False`` (a cache would change the mask path).
@@ -212,6 +216,12 @@ def body_hidden_states(body: nn.Module, batch: PackedBatch) -> torch.Tensor:
         raise ValueError(f"body_hidden_states: cu_seqlens / seq_lens cover "
                          f"{int(batch.cu_seqlens[-1])} / {sum(batch.seq_lens)} tokens, the row "
                          f"has {batch.num_tokens} (use pack_sequences)")
+    if getattr(body.config, "_attn_implementation", None) == "sdpa":
+        # SDPA per sequence (cepo.varlen_attention): sum_i L_i^2 scores instead of T^2
+        with varlen_attention.packed_forward(body.config):
+            out = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                       use_cache=False, cepo_seq_bounds=[0, *itertools.accumulate(batch.seq_lens)])
+        return out.last_hidden_state[0]
     # the dtype attention scores are computed in: the embedding's, which under an FSDP2
     # mixed-precision policy is the unsharded (bf16) parameter during the forward
     compute_dtype = body.get_input_embeddings().weight.dtype

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -58,15 +59,26 @@ def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: l
 
     prompt_ids: the rendered prompts (``cepo.contexts.render_prompt``); seeds: one per
     prompt, derived from its global position in the step (``seeds[g]`` also seeds the
-    random wrong-answer choice of group g).
+    random wrong-answer choice of group g). A group is sent to the verifier (one
+    background thread driving its worker processes) as soon as the sampler reports it
+    done (``on_prompt_done``), so scoring overlaps the generation still under way;
+    ``score_seconds`` is the wait for scores after generation ended.
     """
     t0 = time.perf_counter()
-    completions = (sampler.generate(prompt_ids, group_size, params, seeds=seeds)
-                   if examples else [])
-    texts = [c.text for group in completions for c in group]
-    answers = [ex.answer for ex in examples for _ in range(group_size)]
-    t1 = time.perf_counter()
-    scores = verifier.score(texts, answers) if texts else []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cepo-score") as scoring:
+        pending: dict[int, Future] = {}
+
+        def score_group(p: int, group) -> None:  # while later prompts are still generating
+            pending[p] = scoring.submit(verifier.score, [c.text for c in group],
+                                        [examples[p].answer] * len(group))
+
+        completions = (sampler.generate(prompt_ids, group_size, params, seeds=seeds,
+                                        on_prompt_done=score_group) if examples else [])
+        t1 = time.perf_counter()
+        for p, group in enumerate(completions):  # an engine that did not call back
+            if p not in pending:
+                score_group(p, group)
+        scores = [s for p in range(len(completions)) for s in pending[p].result()]
     t2 = time.perf_counter()
     rollouts = []
     for g, group in enumerate(completions):

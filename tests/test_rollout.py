@@ -17,9 +17,13 @@ class RecordingSampler:
     def __init__(self, script):
         self.script, self.calls = script, []
 
-    def generate(self, prompt_token_ids, n, params, seeds=None):
+    def generate(self, prompt_token_ids, n, params, seeds=None, on_prompt_done=None):
         self.calls.append((prompt_token_ids, n, seeds))
-        return [[self.script[p][j] for j in range(n)] for p in range(len(prompt_token_ids))]
+        out = [[self.script[p][j] for j in range(n)] for p in range(len(prompt_token_ids))]
+        if on_prompt_done is not None:  # reports the odd prompts only: the caller scores the rest
+            for p in range(1, len(out), 2):
+                on_prompt_done(p, out[p])
+        return out
 
 
 @dataclass
@@ -76,3 +80,45 @@ def test_no_prompts_no_call(find):
                            params=SamplingParams(), std_normalize=True,
                            wrong_answer_strategy="worst", find_wrong_answers=find)
     assert sampler.calls == [] and groups.rollouts == [] and groups.wrong_answers == []
+
+
+def test_scoring_overlaps_generation_and_keeps_group_order():
+    """A group reported done is scored while the sampler is still generating (the
+    verifier runs before generate returns), and scores land on their own group."""
+    import threading
+
+    started = threading.Event()
+    texts = [f"t{p}-{j}" for p in range(3) for j in range(2)]
+
+    class SlowSampler:
+        def generate(self, prompt_token_ids, n, params, seeds=None, on_prompt_done=None):
+            out = [[completion(f"t{p}-{j}", [4 + p], stop=2) for j in range(n)]
+                   for p in range(len(prompt_token_ids))]
+            for p in (2, 0, 1):  # done out of order
+                on_prompt_done(p, out[p])
+                if p == 2:  # "generating" the rest: the verifier must already be at work
+                    assert started.wait(timeout=30), "group 2 was not scored during generation"
+            return out
+
+    class Verifier:
+        def __init__(self):
+            self.calls = []
+
+        def score(self, batch, answers):
+            self.calls.append((list(batch), list(answers)))
+            started.set()
+            return [FakeScore(1.0 if t.endswith("-0") else 0.0, t.endswith("-0"), "ok", t)
+                    for t in batch]
+
+    verifier = Verifier()
+    examples = [Example(f"p{p}", f"gold{p}", "s") for p in range(3)]
+    groups = sample_groups(examples, [[1, p + 3] for p in range(3)], [1, 2, 3],
+                           sampler=SlowSampler(), verifier=verifier, group_size=2,
+                           params=SamplingParams(max_new_tokens=3), std_normalize=True,
+                           wrong_answer_strategy="worst", find_wrong_answers=True)
+    assert verifier.calls[0] == (["t2-0", "t2-1"], ["gold2", "gold2"])  # one call per group
+    assert sorted(c for call in verifier.calls for c in call[0]) == sorted(texts)
+    assert [r.text for r in groups.rollouts] == texts
+    assert [r.extracted for r in groups.rollouts] == texts
+    assert [r.reward for r in groups.rollouts] == [1.0, 0.0] * 3
+    assert groups.wrong_answers == ["t0-1", "t1-1", "t2-1"]

@@ -164,3 +164,23 @@ def test_bad_arguments_are_named(engine):
     with pytest.raises(ValueError, match=r"prompt_token_ids\[1\] is empty"):
         sampler.generate([[5], []], 1, SamplingParams())
     assert sampler.generate([], 3, SamplingParams()) == []
+
+
+def test_prompt_done_fires_between_micro_batches(engine, monkeypatch):
+    """on_prompt_done reports a prompt right after the micro-batch that completes it,
+    before the next micro-batch is generated: scoring can overlap generation."""
+    sampler, tok = engine
+    events = []
+    real = sampler._generate_batch
+
+    def batch(prompts, keys, params):
+        events.append(("batch", len(prompts)))
+        return real(prompts, keys, params)
+
+    monkeypatch.setattr(sampler, "_generate_batch", batch)
+    prompts = prompt_ids(tok, "a", "bb", "ccc")  # 3 prompts x 2 samples, 4 rows per batch
+    out = sampler.generate(prompts, 2, SamplingParams(temperature=1.0, max_new_tokens=3),
+                           seeds=[1, 2, 3], on_prompt_done=lambda p, g: events.append(("done", p)))
+    assert [e[0] for e in events] == ["batch", "done", "done", "batch", "done"]
+    assert sorted(e[1] for e in events if e[0] == "done") == [0, 1, 2]
+    assert all(len(g) == 2 for g in out)

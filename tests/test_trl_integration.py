@@ -380,7 +380,7 @@ def test_cepo_token_advantages_equal_cepo_train_step(tiny, tmp_path, monkeypatch
     eos = tokenizer.eos_token_id
 
     class Replay:  # the sampler cepo.train would have called, returning TRL's completions
-        def generate(self, prompt_ids, n, params, seeds=None):
+        def generate(self, prompt_ids, n, params, seeds=None, on_prompt_done=None):
             assert n == G and len(prompt_ids) == 3
             groups = []
             for g in range(3):
@@ -395,10 +395,13 @@ def test_cepo_token_advantages_equal_cepo_train_step(tiny, tmp_path, monkeypatch
                 groups.append(group)
             return groups
 
-    class Verifier:  # TRL's rewards, as cepo's verifier reports them
+    class Verifier:  # TRL's rewards, as cepo's verifier reports them (groups in order)
+        done = 0
+
         def score(self, texts, answers):
+            first, self.done = self.done, self.done + len(texts)
             return [Score(PATTERN[i], PATTERN[i] >= 1.0, "ok" if PATTERN[i] >= 1.0 else "wrong",
-                          extract_answer(t, "boxed")) for i, t in enumerate(texts)]
+                          extract_answer(t, "boxed")) for i, t in enumerate(texts, first)]
 
     # TRL normalises by std + 1e-4, cepo by std + 1e-6: give cepo TRL's epsilon
     monkeypatch.setattr(cepo_rollout, "group_advantages",

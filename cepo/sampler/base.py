@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -95,6 +95,10 @@ class Completion:
         return self.token_ids + ([self.stop_token_id] if self.stop_token_id is not None else [])
 
 
+PromptDone = Callable[[int, list[Completion]], None]
+"""``on_prompt_done(prompt_index, completions)``: see ``Sampler.generate``."""
+
+
 class Sampler(abc.ABC):
     """Generates responses and receives new weights from the trainer.
 
@@ -104,7 +108,8 @@ class Sampler(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompt_token_ids: list[list[int]], n: int, params: SamplingParams,
-                 seeds: list[int] | None = None) -> list[list[Completion]]:
+                 seeds: list[int] | None = None,
+                 on_prompt_done: PromptDone | None = None) -> list[list[Completion]]:
         """Sample ``n`` completions for each prompt (token ids, no padding).
 
         Returns one list per prompt, in prompt order, each holding ``n`` Completions.
@@ -113,6 +118,10 @@ class Sampler(abc.ABC):
         their order or how the engine batches rows (so one call per training step gives
         rank-invariant, resumable rollouts). ``params.seed`` is then unused. Without
         seeds, ``params.seed`` seeds the whole call (see ``SamplingParams``).
+        on_prompt_done(p, completions): called exactly once per prompt, with the very
+        list returned for it, as soon as its n completions exist (while later prompts
+        may still be generating), so the caller can start scoring them; an engine that
+        returns everything at once calls it for every prompt before returning.
         """
 
     @abc.abstractmethod

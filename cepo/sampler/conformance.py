@@ -214,7 +214,8 @@ def check_sampler_conformance(sampler, tokenizer, reference_state: Mapping[str, 
 def check_per_prompt_seeds(sampler, tokenizer, *, max_new_tokens: int = 6, n: int = 3) -> None:
     """Assert that with ``seeds`` a prompt's samples depend only on (its ids, its seed):
     not on the other prompts of the call, their order or their number. Also: seeds are
-    honoured over ``params.seed``, and a repeated prompt with another seed differs."""
+    honoured over ``params.seed``, and a repeated prompt with another seed differs;
+    ``on_prompt_done`` is called once per prompt with its returned list, samples unchanged."""
     prompts = _prompts(tokenizer)
     stop_ids = _stop_ids(sampler, tokenizer)
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=max_new_tokens,
@@ -241,6 +242,19 @@ def check_per_prompt_seeds(sampler, tokenizer, *, max_new_tokens: int = 6, n: in
     with_seed = sampler.generate(prompts, n, SamplingParams(**{**params.__dict__, "seed": 5}),
                                  seeds=seeds)
     assert _tokens(with_seed) == want, "seeds must take precedence over params.seed"
+    calls = []
+    called_back = sampler.generate(prompts, n, params, seeds=seeds,
+                                   on_prompt_done=lambda p, group: calls.append((p, group)))
+    assert sorted(p for p, _ in calls) == list(range(len(prompts))), \
+        f"on_prompt_done must be called once per prompt, got prompts {[p for p, _ in calls]}"
+    assert all(group is called_back[p] for p, group in calls), \
+        "on_prompt_done must be given the very list returned for its prompt"
+    assert _tokens(called_back) == want, "on_prompt_done must not change the samples"
+    greedy_calls = []
+    greedy = sampler.generate(prompts, n, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+                              on_prompt_done=lambda p, group: greedy_calls.append(len(group)))
+    assert greedy_calls == [n] * len(prompts) and all(len(g) == n for g in greedy), \
+        "greedy: on_prompt_done gets the n (copied) completions of each prompt"
     twice = sampler.generate([prompts[0], prompts[0], prompts[1]], n, params,
                              seeds=[seeds[0], seeds[0] + 1, seeds[1]])
     assert _tokens(twice)[0] == want[0] and _tokens(twice)[2] == want[1]

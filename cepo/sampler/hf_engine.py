@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from cepo.sampler.base import (Completion, Sampler, SamplingParams, check_generate_args,
+from cepo.sampler.base import (Completion, PromptDone, Sampler, SamplingParams, check_generate_args,
                                mix_seed, prompt_seeds, stop_token_ids, weight_update_error)
 
 
@@ -174,7 +174,8 @@ class HFEngine(Sampler):
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], n: int, params: SamplingParams,
-                 seeds: list[int] | None = None) -> list[list[Completion]]:
+                 seeds: list[int] | None = None,
+                 on_prompt_done: PromptDone | None = None) -> list[list[Completion]]:
         """``n`` completions per prompt ([P][n]); see ``Sampler.generate``.
 
         One batched generation over every (prompt, sample) row, in micro-batches of at
@@ -184,6 +185,8 @@ class HFEngine(Sampler):
         ``params.seed`` and the prompt's position, or, when that is None too, from one
         draw of torch's global RNG (the only use of it: a seeded call leaves it alone).
         Greedy decoding generates each prompt once and copies it n times.
+        ``on_prompt_done`` is called after the micro-batch that completes a prompt, so
+        scoring overlaps the micro-batches still to come.
         """
         check_generate_args(prompt_token_ids, n, seeds)
         if not prompt_token_ids:
@@ -198,17 +201,24 @@ class HFEngine(Sampler):
         rows = sorted(((p, j) for p in range(len(prompt_token_ids)) for j in range(copies)),
                       key=lambda r: -len(prompt_token_ids[r[0]]))
         results: list[list[Completion | None]] = [[None] * copies for _ in prompt_token_ids]
+        missing = [copies] * len(prompt_token_ids)
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start:start + self.max_batch_size]
             keys = None if per_prompt is None else [mix_seed(per_prompt[p], j) for p, j in chunk]
             batch = self._generate_batch([list(prompt_token_ids[p]) for p, _ in chunk], keys,
                                          params)
+            done = []
             for (p, j), comp in zip(chunk, batch):
                 comp.prompt_index = p
                 results[p][j] = comp
-        if copies == 1 and n > 1:
-            results = [[group[0]] + [copy.deepcopy(group[0]) for _ in range(n - 1)]
-                       for group in results]
+                missing[p] -= 1
+                if missing[p] == 0:
+                    done.append(p)
+            for p in done:
+                if copies == 1 and n > 1:
+                    results[p] = results[p] + [copy.deepcopy(results[p][0]) for _ in range(n - 1)]
+                if on_prompt_done is not None:
+                    on_prompt_done(p, results[p])
         return results
 
     def _generate_batch(self, prompts: list[list[int]], row_keys: list[int] | None,

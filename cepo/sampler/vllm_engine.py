@@ -39,7 +39,7 @@ from typing import Iterable
 
 import torch
 
-from cepo.sampler.base import (Completion, Sampler, SamplingParams, check_generate_args,
+from cepo.sampler.base import (Completion, PromptDone, Sampler, SamplingParams, check_generate_args,
                                mix_seed, prompt_seeds, stop_token_ids, weight_update_error)
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.35
@@ -256,7 +256,8 @@ class VLLMEngine(Sampler):
             max_tokens=params.max_new_tokens, seed=None if greedy else seed,
             logprobs=0 if params.return_logprobs else None, stop_token_ids=list(self.stop_ids))
 
-    def generate(self, prompt_token_ids, n, params: SamplingParams, seeds=None):
+    def generate(self, prompt_token_ids, n, params: SamplingParams, seeds=None,
+                 on_prompt_done=None):
         """``n`` completions per prompt ([P][n]); see ``Sampler.generate``.
 
         One ``llm.generate`` call for all prompts, one request per prompt with its own
@@ -271,7 +272,8 @@ class VLLMEngine(Sampler):
         ``stop_token_id`` and its logprob last); vLLM's ``token_ids`` include the stop
         token. A completion that neither stopped nor reached max_new_tokens (prompt +
         response hit max_model_len) raises RuntimeError rather than break the "length"
-        contract.
+        contract. ``llm.generate`` returns every request at once: ``on_prompt_done`` is
+        called for each prompt after it, in prompt order (no overlap with scoring).
         """
         check_generate_args(prompt_token_ids, n, seeds)
         if not prompt_token_ids:
@@ -312,6 +314,9 @@ class VLLMEngine(Sampler):
                                    f"asked for {sps[p].n}")
             group += [copy.deepcopy(group[0]) for _ in range(n - len(group))]  # greedy copies
             results.append(group)
+        if on_prompt_done is not None:
+            for p, group in enumerate(results):
+                on_prompt_done(p, group)
         return results
 
     def _completion(self, p: int, c, params: SamplingParams) -> Completion:

@@ -268,3 +268,19 @@ def test_bad_tensors_are_named():
         call(hs, ht, weight, targets, mask, token_weights=weights[:2])
     with pytest.raises(ValueError, match="'targets' has value 13"):
         call(hs, ht, weight, targets.clone().fill_(13), mask)
+
+
+@pytest.mark.parametrize("engine,device", ENGINES[:2])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_fp16_gradient_tile_is_scaled(engine, device, divergence, monkeypatch):
+    """fp16 products (as on CUDA): with a large normalizer, dz ~ 1e-7 / V would underflow
+    fp16 unscaled; the tile is scaled by a power of two and dh, dW divided back."""
+    monkeypatch.setattr(chunked, "FP16_COMPUTE_ON_CPU", True)
+    hs, ht, weight, targets, mask, _ = distill_inputs(19, 16, 67, torch.float16, device)
+    kw = dict(divergence=divergence, beta=0.4, normalizer=1e5)
+    loss, _ = ck.fused_linear_self_distill_loss(hs, ht, weight, targets, mask, backend=engine, **kw)
+    ref, _ = reference.fused_linear_self_distill_loss(hs, ht, weight, targets, mask, **kw)
+    assert rel_err(loss, ref) <= GRAD_TOL[torch.float16]
+    for got, want in zip(grads(loss, hs, weight), grads(ref, hs, weight)):
+        assert got.dtype == torch.float16
+        assert rel_err(got, want) <= GRAD_TOL[torch.float16]

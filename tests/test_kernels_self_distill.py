@@ -284,3 +284,48 @@ def test_fp16_gradient_tile_is_scaled(engine, device, divergence, monkeypatch):
     for got, want in zip(grads(loss, hs, weight), grads(ref, hs, weight)):
         assert got.dtype == torch.float16
         assert rel_err(got, want) <= GRAD_TOL[torch.float16]
+
+
+def _new_option_inputs(device):
+    hs, ht, weight, targets, mask, weights = distill_inputs(37, 16, 101, torch.float32, device)
+    old = torch.full((37,), -4.0, device=device)
+    adv = torch.linspace(-1, 1, 37, device=device)
+    return hs, ht, weight, targets, mask, weights, old, adv
+
+
+def _run_new_options(inputs, backend):
+    hs, ht, weight, targets, mask, weights, old, adv = inputs
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        loss, _ = ck.fused_linear_self_distill_loss(hs, ht, weight, targets, mask,
+                                                    divergence=divergence, beta=0.3,
+                                                    token_weights=weights, backend=backend)
+        torch.autograd.grad(loss, [hs, weight])
+    loss, _ = ck.fused_linear_ppo_loss(hs, weight, targets, old, adv, mask, clip_dual=3.0,
+                                       token_weights=weights, normalizer=5.0, backend=backend)
+    torch.autograd.grad(loss, [hs, weight])
+
+
+def test_no_host_read_with_cuda_settings(monkeypatch):
+    """The new op and the PPO loss's new options read no tensor data back to the host
+    (recorded on CPU with CUDA's settings: data checks off, no row skipping)."""
+    from cepo_kernels import _validate
+    from test_kernels_sync import SyncRecorder
+    monkeypatch.setattr(_validate, "_debug", False)
+    monkeypatch.setattr(chunked, "SKIP_ZERO_ROWS", False)
+    with SyncRecorder() as rec:
+        _run_new_options(_new_option_inputs("cpu"), "torch")
+    assert rec.seen == [], f"ops that would block the host on CUDA: {sorted(set(rec.seen))}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_sync_on_cuda(backend):
+    inputs = _new_option_inputs("cuda")  # host-to-device copies happen here, before the check
+    _run_new_options(inputs, backend)  # warm-up: compile, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _run_new_options(inputs, backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

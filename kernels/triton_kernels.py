@@ -20,6 +20,10 @@ entropy, and ``dz_kernel`` forms dz = a onehot + p (b - c log p), times an optio
 scale (fp16), in the compute dtype, in place where that is fp32. dh = dz W and
 dW += dz^T h are then library GEMMs too: no atomics.
 
+Self-distillation (``distill_row_kernel``, ``distill_dz_kernel``): the same pattern on the
+student's and the teacher's logits chunks: per row the divergence (and KL(q || m) for the
+JSD), then dz elementwise.
+
 UPCAST (a constexpr) casts tiles to fp32 before tl.dot: Triton's CPU interpreter
 computes bf16 / fp16 dots wrongly, so the tests run the interpreter that way.
 """

@@ -10,6 +10,10 @@
   ``dz_kernel`` (dz in the compute dtype, scaled for fp16), then dh = dz W and
   dW += dz^T h as library GEMMs (``chunked.gradient_products``). No atomics, so the
   result is deterministic.
+- ``head_distill_grad`` (the self-distillation loss) in FOUR products per row chunk: the
+  student's and the teacher's logits from the library GEMM, ``row_stats_kernel`` on each,
+  ``distill_row_kernel`` (the divergence), ``distill_dz_kernel`` (dz), then the two
+  gradient GEMMs.
 - ``head_backward`` (the log-prob op): the same, with the logits recomputed (four products)
   and their logsumexp re-reduced (one more read of the chunk) so p is consistent with them.
 

@@ -33,6 +33,9 @@ def distill_inputs(n, h, v, dtype, device, seed=0):
 @pytest.mark.parametrize("n,h,v", [(1, 16, 67), (41, 24, 131)])
 @pytest.mark.parametrize("divergence,beta", CASES)
 def test_matches_reference(engine, device, dtype, n, h, v, divergence, beta):
+    if engine == "triton" and device == "cpu" and n > 1 and divergence == "jsd" and beta in (0, 1):
+        pytest.skip("the interpreter is slow: the JSD endpoints run the two KL kernels, "
+                    "tested above, and at N=1 here")
     hs, ht, weight, targets, mask, weights = distill_inputs(n, h, v, dtype, device, seed=n)
     if n == 1:
         mask[:] = True

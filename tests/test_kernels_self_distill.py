@@ -332,3 +332,25 @@ def test_no_sync_on_cuda(backend):
         _run_new_options(inputs, backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_against_liger_triton_fused_linear_jsd(beta, temperature):
+    """Liger's Triton LigerFusedLinearJSD (the interpreter on CPU, compiled on CUDA), its
+    jsd_beta = our beta, the head as the teacher's (detached), label -100 where our mask is
+    False: both divide the summed JSD by the number of labels that are not -100."""
+    from cepo_kernels import backend
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not backend.interpreting():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    liger = pytest.importorskip("liger_kernel.transformers")
+    hs, ht, weight, targets, mask, _ = distill_inputs(13, 16, 70, torch.float32, device)
+    labels = torch.where(mask & (targets != -100), targets, torch.full_like(targets, -100))
+    loss_fn = liger.LigerFusedLinearJSD(jsd_beta=beta, temperature=temperature)
+    liger_loss = loss_fn(hs, weight, ht.detach(), weight.detach(), labels)
+    ours, _ = ck.fused_linear_self_distill_loss(hs, ht, weight, targets, mask, beta=beta,
+                                                temperature=temperature, backend="torch")
+    torch.testing.assert_close(ours, liger_loss, rtol=1e-5, atol=1e-6)
+    for a, e in zip(grads(ours, hs, weight), grads(liger_loss, hs, weight)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)

@@ -326,9 +326,9 @@ def test_good_values_parse():
 
 def _train(out: Path, *args: str, nproc: int):
     return torchrun(["-m", "cepo.train", "--model", TINY_MODEL, "--output_dir", str(out),
-                     "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "40",
+                     "--prompts_per_step", "8", "--group_size", "4", "--max_new_tokens", "40",
                      "--num_eval", "4", "--eval_every", "0", "--checkpoint_every", "0",
-                     "--num_train", "16", "--lr", "1e-4", "--progress", "false",
+                     "--num_train", "32", "--lr", "1e-4", "--progress", "false",
                      "--export", "false", "--steps", "2", *args], nproc=nproc)
 
 

@@ -10,14 +10,17 @@ so outputs can be compared with ours before anything is timed:
   forward and backward (the upstream gradient arrives after the forward);
 - ``evidence``:  (lp_policy, lp_pos, lp_neg, token_advantages), each [N] (forward only);
 - ``ppo_loss_fwd``: (loss,): the PPO loss forward only (under no_grad);
-- ``ppo_loss``:  (loss, d loss / d hidden, d loss / d weight): forward and backward.
+- ``ppo_loss``:  (loss, d loss / d hidden, d loss / d weight): forward and backward;
+- ``self_distill``: (loss, d loss / d h_student, d loss / d weight): the self-distillation
+  loss (generalised JSD, beta 0.5, teacher stop-gradient), forward and backward.
 
 Peers without a three-context op do the same work as three separate log-prob calls
 plus the epilogue in PyTorch (``cepo_kernels._math.evidence_epilogue``); peers without
 a PPO loss get their log-probs from their own op and the PPO surrogate in PyTorch, with
 autograd through it. The floor is the bare LM-head matrix products (``torch.matmul``)
 the op cannot avoid: one for ``logprobs``, three for ``evidence``, and the forward
-product plus the two backward products (dh = dz W, dW = dz^T h) for ``ppo_loss``.
+product plus the two backward products (dh = dz W, dW = dz^T h) for ``ppo_loss``, and
+the student's and the teacher's logits plus the two backward products for ``self_distill``.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ import torch
 import cepo_kernels
 from cepo_kernels import _math
 
-OPS = ("logprobs", "logprobs_grad", "evidence", "ppo_loss_fwd", "ppo_loss")
-HEAD_PRODUCTS = {"logprobs": 1, "logprobs_grad": 4, "evidence": 3, "ppo_loss_fwd": 1, "ppo_loss": 3}
+OPS = ("logprobs", "logprobs_grad", "evidence", "ppo_loss_fwd", "ppo_loss", "self_distill")
+HEAD_PRODUCTS = {"logprobs": 1, "logprobs_grad": 4, "evidence": 3, "ppo_loss_fwd": 1, "ppo_loss": 3,
+                 "self_distill": 4}
 """LM-head products each op must do: the log-prob backward recomputes the logits (its
-upstream gradient arrives later: 4); the PPO loss knows its gradient in the forward (3)."""
-GRAD_OPS = ("logprobs_grad", "ppo_loss")
+upstream gradient arrives later: 4); the PPO loss knows its gradient in the forward (3);
+the self-distillation loss too, but it needs the teacher's logits as well (4)."""
+GRAD_OPS = ("logprobs_grad", "ppo_loss", "self_distill")
+DISTILL_BETA = 0.5
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
 LAM, EPS_W = 0.5, 0.2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -154,6 +160,16 @@ def make_inputs(point: Point, device, seed: int = 0) -> SimpleNamespace:
                                             targets[r0:r0 + rows]) for r0 in range(0, n, rows)])
         inp.old_logprobs = lp + 0.1 * torch.randn(n, generator=g, device=device)
         del lp
+    elif point.op == "self_distill":
+        base = torch.randn(n, h, generator=g, device=device)
+        inp.hidden = base.to(dt, copy=True).requires_grad_(True)  # the student
+        inp.h_teacher = base.add_(0.3 * torch.randn(n, h, generator=g, device=device)).to(dt)
+        del base
+        inp.weight = weight.requires_grad_(True)
+        lengths = torch.randint(t // 2, t + 1, (b,), generator=g, device=device)
+        inp.mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).reshape(-1)
+        # peers drop rows by label: -100 where the mask is off
+        inp.labels = torch.where(inp.mask, targets, torch.full_like(targets, -100))
     else:
         raise ValueError(point.op)
     return inp
@@ -250,6 +266,17 @@ def ours_ppo_loss_fwd(inp):
     return run
 
 
+def ours_self_distill(inp):
+    """cepo_kernels.fused_linear_self_distill_loss (backend auto, JSD beta 0.5), then the
+    gradients of the loss."""
+    def run():
+        loss, _ = cepo_kernels.fused_linear_self_distill_loss(
+            inp.hidden, inp.h_teacher, inp.weight, inp.targets, inp.mask, divergence="jsd",
+            beta=DISTILL_BETA, backend="auto")
+        return _grads(loss, inp)
+    return run
+
+
 # --------------------------------------------------------------------------- naive PyTorch
 
 def _naive_lp(hidden, weight, targets):
@@ -292,6 +319,22 @@ def naive_ppo_loss_fwd(inp):
         with torch.no_grad():
             lp = _naive_lp(inp.hidden, inp.weight, inp.targets)
             return (ppo_surrogate(lp, inp.old_logprobs, inp.advantages, inp.mask),)
+    return run
+
+
+def naive_self_distill(inp):
+    """Materialised [N, V] student and teacher logits (float), log_softmax, the generalised
+    JSD written out (mixture by logsumexp), token mean over the mask, autograd."""
+    def run():
+        log_q = torch.log_softmax((inp.hidden @ inp.weight.T).float(), dim=-1)
+        with torch.no_grad():
+            log_p = torch.log_softmax((inp.h_teacher @ inp.weight.T).float(), dim=-1)
+        beta = DISTILL_BETA
+        log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+        per_token = (beta * (log_p.exp() * (log_p - log_m)).sum(-1)
+                     + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1))
+        m = inp.mask.float()
+        return _grads((per_token * m).sum() / m.sum().clamp(min=1.0), inp)
     return run
 
 
@@ -576,6 +619,42 @@ def liger_grpo_ppo_loss(inp):
     return run
 
 
+def liger_jsd_self_distill(inp):
+    """LigerFusedLinearJSDLoss (chunked PyTorch, runs on CPU): weight_hard_loss=0,
+    weight_soft_loss=1, beta 0.5, the student's head also as the teacher's (detached);
+    rows dropped by label -100; the same loss as ours (sum over kept tokens / their count)."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except Exception as e:  # pragma: no cover - depends on the install
+        return NA(f"n/a: liger-kernel not importable ({type(e).__name__}: {e})")
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=DISTILL_BETA,
+                                      compiled=_is_cuda(inp))
+    w_teacher = inp.weight.detach()
+
+    def run():
+        loss = loss_fn(inp.hidden, inp.weight, inp.h_teacher, w_teacher, inp.labels)
+        return _grads(loss, inp)
+    return run
+
+
+def liger_fljsd_self_distill(inp):
+    """LigerFusedLinearJSD (Triton, CUDA only): jsd_beta 0.5, labels -100 where masked;
+    normalised by the count of labels that are not -100, as ours."""
+    if not _is_cuda(inp):
+        return NA("n/a (Triton, CUDA only)")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except Exception as e:  # pragma: no cover - depends on the install
+        return NA(f"n/a: liger-kernel not importable ({type(e).__name__}: {e})")
+    loss_fn = LigerFusedLinearJSD(jsd_beta=DISTILL_BETA)
+    w_teacher = inp.weight.detach()
+
+    def run():
+        loss = loss_fn(inp.hidden, inp.weight, inp.h_teacher, w_teacher, inp.labels)
+        return _grads(loss, inp)
+    return run
+
+
 # --------------------------------------------------------------------------- Apple Cut Cross-Entropy
 
 def _cce(inp):
@@ -712,6 +791,20 @@ def floor_ppo_loss_fwd(inp):
     return run
 
 
+def floor_self_distill(inp):
+    """The floor of the self-distillation loss: the student's and the teacher's logits and
+    the two backward products."""
+    hidden, weight, h_teacher = inp.hidden.detach(), inp.weight.detach(), inp.h_teacher
+
+    def run():
+        with torch.no_grad():
+            z = torch.matmul(hidden, weight.T)      # student logits
+            zt = torch.matmul(h_teacher, weight.T)  # teacher logits
+            del zt
+            return torch.matmul(z, weight), torch.matmul(z.T, hidden)  # dh, dW (z for dz)
+    return run
+
+
 # --------------------------------------------------------------------------- registry
 
 OURS, FLOOR = "ours", "floor"
@@ -735,6 +828,9 @@ CONTENDERS = {
     "ppo_loss": [(OURS, ours_ppo_loss), ("naive", naive_ppo_loss), ("torch.compile", compile_ppo_loss),
                  ("liger-grpo", liger_grpo_ppo_loss), ("liger-flce", liger_flce_ppo_loss),
                  ("cce", cce_ppo_loss), (FLOOR, floor_ppo_loss)],
+    "self_distill": [(OURS, ours_self_distill), ("naive", naive_self_distill),
+                     ("liger-jsd", liger_jsd_self_distill), ("liger-fljsd", liger_fljsd_self_distill),
+                     (FLOOR, floor_self_distill)],
 }
 
 DESCRIPTIONS = {
@@ -748,8 +844,14 @@ DESCRIPTIONS = {
                   "epsilon 0.2/0.28, compiled=True on CUDA, False on CPU), inputs as [B, T, H]",
     "cce": "Apple Cut Cross-Entropy linear_cross_entropy(reduction='none'), impl 'cce' on CUDA, "
            "'torch_compile' on CPU (loss: PPO surrogate in torch, autograd through it)",
+    "liger-jsd": "Liger-Kernel LigerFusedLinearJSDLoss(weight_hard_loss=0, weight_soft_loss=1, "
+                 "beta=0.5; chunked PyTorch, compiled=True on CUDA, False on CPU), the student's head "
+                 "as the teacher's (self_distill)",
+    "liger-fljsd": "Liger-Kernel LigerFusedLinearJSD(jsd_beta=0.5) (Triton, CUDA only), the student's "
+                   "head as the teacher's (self_distill)",
     FLOOR: "bare LM-head torch.matmul products: x1 (logprobs, ppo_loss_fwd), x3 (evidence), "
-           "fwd + 2 bwd (ppo_loss), fwd + recompute + 2 bwd (logprobs_grad)",
+           "fwd + 2 bwd (ppo_loss), fwd + recompute + 2 bwd (logprobs_grad), "
+           "student and teacher fwd + 2 bwd (self_distill)",
 }
 
 
@@ -759,6 +861,8 @@ def estimated_cpu_bytes(name: str, point: Point) -> int:
     CCE's torch_compile implementation materialises the logits as well."""
     n, v = point.N, point.V
     elt = torch.finfo(point.torch_dtype).bits // 8
+    if name == "naive" and point.op == "self_distill":
+        return n * v * (2 * elt + 6 * 4)  # both logits, their log_softmax, mixture, products, grads
     if name in ("naive", "cce"):
         per = n * v * (elt + 8)  # logits in the input dtype, float copy, log_softmax
         return per * (2 if point.op in GRAD_OPS else 1)

@@ -14,6 +14,7 @@ OPS_TITLE = {
     "evidence": "contrastive_evidence (three contexts, forward)",
     "ppo_loss_fwd": "fused_linear_ppo_loss (forward)",
     "ppo_loss": "fused_linear_ppo_loss (forward + backward)",
+    "self_distill": "fused_linear_self_distill_loss (JSD beta 0.5, forward + backward)",
 }
 ALL_OPS = tuple(OPS_TITLE)
 PEER_EXCLUDE = ("ours", "floor")
@@ -211,7 +212,7 @@ def markdown(meta, rows, descriptions) -> str:
              "Contenders:", ""]
     lines += [f"- `{k}`: {v}" for k, v in descriptions.items()]
     lines += ["", "Columns: time = median; TFLOP/s counts 2·N·V·H per LM-head product the op must do "
-              "(1 logprobs and ppo_loss_fwd, 4 logprobs_grad, 3 evidence, 3 ppo_loss); x floor = time / the bare matmul products' time; "
+              "(1 logprobs and ppo_loss_fwd, 4 logprobs_grad, 3 evidence, 3 ppo_loss, 4 self_distill); x floor = time / the bare matmul products' time; "
               "peak extra = peak memory during one call minus the memory held before it (inputs "
               "excluded, outputs and gradients included); max diff = largest |difference| from ours "
               "(loss: |Δloss|, grad = relative Frobenius error of dh and dW); speed-up = best peer's "

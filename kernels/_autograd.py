@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import _math
-from ._types import IGNORE_INDEX, LogProbs, PPOStats
+from ._types import IGNORE_INDEX, LogProbs, PPOStats, SelfDistillStats
 
 
 class _LogProbs(torch.autograd.Function):
@@ -72,13 +72,16 @@ class _PPOLoss(torch.autograd.Function):
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         denom = _math.ppo_denominator(keep, options["normalizer"], acc, weight.device)
         ref = options["ref_logprobs"]
+        weights = options["token_weights"]
+        dual = options["clip_dual"]
 
         def coef(r0, r1, lp_chunk):
             return _math.ppo_grad_coef(
                 lp_chunk, None if old_logprobs is None else old_logprobs[r0:r1],
                 token_advantages[r0:r1], keep[r0:r1], denom, clip_low=options["clip_low"],
                 clip_high=options["clip_high"], ref_logprobs=None if ref is None else ref[r0:r1],
-                kl_coef=options["kl_coef"])
+                kl_coef=options["kl_coef"], clip_dual=options["clip_dual"],
+                token_weights=None if weights is None else weights[r0:r1])
 
         # needs_input_grad ignores no_grad mode: a forward-only call computes no gradient
         grad_on = options["grad_enabled"]
@@ -88,12 +91,14 @@ class _PPOLoss(torch.autograd.Function):
         loss, _, stats = _math.ppo_token_terms(
             lp, old_logprobs, token_advantages, keep, clip_low=options["clip_low"],
             clip_high=options["clip_high"], normalizer=options["normalizer"],
-            ref_logprobs=ref, kl_coef=options["kl_coef"], entropy=ent)
+            ref_logprobs=ref, kl_coef=options["kl_coef"], entropy=ent, clip_dual=dual,
+            token_weights=weights)
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.has = (dh is not None, dw is not None)
         stats = torch.stack([
             stats.clip_frac_low, stats.clip_frac_high, stats.approx_kl, stats.ratio_mean,
-            stats.entropy if want_entropy else torch.zeros_like(loss), stats.num_tokens])
+            stats.entropy if want_entropy else torch.zeros_like(loss), stats.num_tokens,
+            stats.clip_frac_dual])
         lp_out = torch.where(valid, lp, torch.zeros_like(lp)).float()
         ctx.mark_non_differentiable(stats, lp_out)
         return loss, stats, lp_out
@@ -120,4 +125,55 @@ def fused_linear_ppo_loss(engine, hidden, weight, targets, old_logprobs, token_a
     loss, st, lp = _PPOLoss.apply(hidden, weight, targets, old_logprobs, token_advantages, mask,
                                   options, engine)
     return loss, PPOStats(st[0], st[1], st[2], st[3],
-                          st[4] if options["return_entropy"] else None, st[5], lp)
+                          st[4] if options["return_entropy"] else None, st[5], lp, st[6])
+
+
+class _SelfDistillLoss(torch.autograd.Function):
+    """Like _PPOLoss: the loss is a scalar whose gradient w.r.t. the student's hidden
+    states and the head is known in the forward; backward only scales it. No gradient
+    reaches h_teacher (stop-gradient) and the head gets only the student's path."""
+
+    @staticmethod
+    def forward(ctx, h_student, h_teacher, weight, targets, mask, token_weights, options, engine):
+        valid = targets != IGNORE_INDEX
+        y = torch.where(valid, targets, 0)
+        keep = mask & valid
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        denom = _math.ppo_denominator(keep, options["normalizer"], acc, weight.device)
+        coef = keep.to(acc) / denom
+        if token_weights is not None:
+            coef = coef * token_weights.to(acc)
+        grad_on = options["grad_enabled"]
+        need_h, need_w = grad_on and ctx.needs_input_grad[0], grad_on and ctx.needs_input_grad[2]
+        div, lp, ent, dh, dw = engine.head_distill_grad(
+            h_student, h_teacher, weight, y, keep, options["temperature"], options["kind"],
+            options["beta"], coef, need_h, need_w)
+        loss = (div * coef).sum()
+        k = keep.to(acc)
+        count = k.sum()
+        n = count.clamp(min=1.0)
+        stats = torch.stack([div.sum() / n, (ent * k).sum() / n, count])
+        lp_out = torch.where(valid, lp, torch.zeros_like(lp)).float()
+        div_out = div.float()
+        ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
+        ctx.has = (dh is not None, dw is not None)
+        ctx.mark_non_differentiable(stats, lp_out, div_out)
+        return loss, stats, lp_out, div_out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_stats, _g_lp, _g_div):
+        saved = iter(ctx.saved_tensors)
+        dh = _scale(next(saved), grad_loss) if ctx.has[0] else None
+        dw = _scale(next(saved), grad_loss) if ctx.has[1] else None
+        return dh, None, dw, None, None, None, None, None
+
+
+def fused_linear_self_distill_loss(engine, h_student, h_teacher, weight, targets, mask,
+                                   token_weights, **options) -> tuple[torch.Tensor, SelfDistillStats]:
+    """(loss, SelfDistillStats) through ``engine``; options as in
+    cepo_kernels.fused_linear_self_distill_loss (plus kind, from _math.distill_kind)."""
+    options["temperature"] = float(options["temperature"])
+    options["grad_enabled"] = torch.is_grad_enabled()
+    loss, st, lp, div = _SelfDistillLoss.apply(h_student, h_teacher, weight, targets, mask,
+                                               token_weights, options, engine)
+    return loss, SelfDistillStats(st[0], st[1], st[2], lp, div)

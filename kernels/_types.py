@@ -53,7 +53,9 @@ class PPOStats(NamedTuple):
     ratio < 1 - clip_low (the lower clip binds); ``clip_frac_high``: A > 0 and ratio >
     1 + clip_high; ``approx_kl``: k3 estimate of KL(old || new), mean of (r - 1) - log r;
     ``ratio_mean``: mean ratio; ``entropy``: mean entropy (None unless requested);
-    ``num_tokens``: how many tokens the mask keeps; ``logprobs``: [N] float32, detached,
+    ``num_tokens``: how many tokens the mask keeps; ``clip_frac_dual``: with ``clip_dual``
+    set, fraction with A < 0 where the dual-clip bound c binds (max(-A r, -A clip(r)) > -A c:
+    verl's and EasyR1's ``pg_clipfrac_lower``), 0 without it; ``logprobs``: [N] float32, detached,
     the per-token log p(target) under the current weights (0 where the target is
     IGNORE_INDEX), free from the forward: with one update per rollout batch these are
     the old log-probs, and comparing them with the sampler's guards weight sync.
@@ -66,3 +68,24 @@ class PPOStats(NamedTuple):
     entropy: torch.Tensor | None
     num_tokens: torch.Tensor
     logprobs: torch.Tensor | None = None
+    clip_frac_dual: torch.Tensor | None = None
+
+
+class SelfDistillStats(NamedTuple):
+    """Diagnostics of :func:`cepo_kernels.fused_linear_self_distill_loss` (no sync).
+
+    divergence: 0-dim, mean per-token divergence over the kept tokens (unweighted by
+        token_weights, not divided by the normalizer).
+    entropy: 0-dim, mean entropy of the student's tempered distribution over kept tokens.
+    num_tokens: 0-dim, how many tokens the mask keeps.
+    logprobs: [N] float32, detached: the student's log p(target) (0 where the target is
+        IGNORE_INDEX), free from the forward.
+    token_divergence: [N] float32, detached: the per-token divergence (0 where not kept),
+        e.g. for token-credit maps.
+    """
+
+    divergence: torch.Tensor
+    entropy: torch.Tensor
+    num_tokens: torch.Tensor
+    logprobs: torch.Tensor
+    token_divergence: torch.Tensor

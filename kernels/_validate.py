@@ -105,3 +105,16 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
     """Check low <= value <= high (finite)."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
         _fail(name, f"must be a number in [{low}, {high}], got {value!r}")
+
+
+def check_above(name: str, value: float, low: float, hint: str = "") -> None:
+    """Check value > low (finite)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > low):
+        _fail(name, f"must be a finite number > {low}, got {value!r}", hint)
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Check value is one of choices."""
+    if value not in choices:
+        _fail(name, f"must be one of {tuple(choices)}, got {value!r}")

@@ -338,6 +338,78 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     return dh, _finish_dw(dw32, weight)
 
 
+def _logits_fp32(h_c, w):
+    """h_c @ w.T [rows, V]: fp32 output from bf16 / fp16 operands on CUDA (the library GEMM,
+    fp32 accumulation); elsewhere in the compute dtype (bf16 CPU logits round to bf16)."""
+    return _mm(h_c, w.T)
+
+
+def fp16_tile_scale(g, dtype):
+    """Power-of-two scale (0-dim, no host sync) bringing max |g| of an fp16 gradient tile
+    to about 1, or None for other dtypes (see :func:`grad_scale`)."""
+    if dtype != torch.float16:
+        return None
+    top = g.abs().amax().clamp_min(1e-30) if g.numel() else g.new_ones(())
+    return torch.exp2(torch.floor(-torch.log2(top)))
+
+
+def head_distill_grad(h_student, h_teacher, weight, y, keep, temperature, kind, beta, coef,
+                      need_h, need_w, rows=None):
+    """Self-distillation forward and gradient in FOUR products per row chunk:
+    (divergence [N], student lp [N], student entropy [N], dh | None, dW | None).
+
+    Per chunk: the student and the teacher logits (two products), their exact fp32
+    log-softmax, the divergence D and dz = coef dD/du / T (``_math.distill_rows``, u the
+    tempered student logits), then dh = dz W and dW += dz^T h_student. coef [N] (acc) is
+    d loss / d D per row (keep w / normalizer; 0 for rows that contribute nothing). The
+    teacher is stop-gradient: it enters only through p. y [N]: valid token ids (ignored
+    rows replaced by 0), used for the log-prob statistic only.
+    """
+    acc = acc_dtype(weight.dtype)
+    n, vocab = y.shape[0], weight.shape[0]
+    inv_temp = 1.0 / temperature
+    dev = weight.device
+    head = _Head(h_student, weight)
+    h_t = h_teacher if h_teacher.dtype == head.dtype else h_teacher.to(head.dtype)
+    div = torch.zeros(n, dtype=acc, device=dev)
+    lp = torch.zeros(n, dtype=acc, device=dev)
+    ent = torch.zeros(n, dtype=acc, device=dev)
+    dh, dw32 = _grad_buffers(h_student, weight, head, need_h, need_w)
+    want_grad = dh is not None or dw32 is not None
+    coef = coef.to(acc) * inv_temp  # / T folded in
+    rows = rows_per_chunk(n, vocab) if rows is None else max(1, min(rows, n))
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        ls_s = _log_softmax(_logits_fp32(head.h[r0:r1], head.w), inv_temp, acc)
+        ls_t = _log_softmax(_logits_fp32(h_t[r0:r1], head.w), inv_temp, acc)
+        lp[r0:r1] = ls_s.gather(1, y[r0:r1, None])[:, 0]
+        ent[r0:r1] = -torch.linalg.vecdot(ls_s.exp(), ls_s)
+        d, g = _math.distill_rows(ls_s, ls_t, kind, beta, want_grad)
+        del ls_s, ls_t
+        div[r0:r1] = torch.where(keep[r0:r1], d, torch.zeros_like(d))
+        if g is None:
+            continue
+        c = coef[r0:r1]
+        active = _active_rows(c, dev)
+        if active is not None and active.numel() == 0:
+            continue
+        g, c, h_c = _select(active, g, c, head.h[r0:r1])
+        g = g.mul_(c[:, None])
+        scale = fp16_tile_scale(g, head.dtype)
+        if scale is not None:
+            g.mul_(scale)
+        gd = g if g.dtype == head.dtype else g.to(head.dtype)
+        del g
+        dh_c = gradient_products(gd, h_c, head.w, scale, dw32, need_dh=dh is not None)
+        del gd
+        if dh is not None:
+            if active is None:
+                dh[r0:r1] = dh_c
+            else:
+                dh[r0:].index_copy_(0, active, dh_c.to(dh.dtype))
+    return div, lp, ent, dh, _finish_dw(dw32, weight)
+
+
 def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,
                          lam, eps_w, temperature=1.0) -> Evidence:
     """Three-context log-probs plus the contrastive epilogue (no gradient)."""

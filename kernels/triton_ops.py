@@ -272,6 +272,24 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     return dh, chunked._finish_dw(dw32, weight)
 
 
+def head_distill_grad(h_student, h_teacher, weight, y, keep, temperature, kind, beta, coef,
+                      need_h, need_w):
+    """Engine API (see chunked.head_distill_grad). The self-distillation loss needs both
+    distributions element by element (KL(p || m) has log m = log(beta p + (1 - beta) q)),
+    which the K-context forward kernel, reducing each context on its own, cannot give; so
+    this is the chunked engine's design on the GPU: the logits chunks and the two gradient
+    products are library GEMMs (fp32 logits from bf16 / fp16 operands), the
+    log-softmax, divergence and dz elementwise PyTorch, in large row chunks."""
+    _check_dtype(weight.dtype)
+    n, vocab = y.shape[0], weight.shape[0]
+    rows = None
+    if weight.device.type == "cuda":
+        rows = max(1, GPU_CHUNK_BYTES // (8 * 4 * max(1, vocab)))  # ~8 fp32 [rows, V] temporaries
+    return chunked.head_distill_grad(_row_major(h_student), _row_major(h_teacher),
+                                     _row_major(weight), y, keep, temperature, kind, beta, coef,
+                                     need_h, need_w, rows=rows)
+
+
 def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,
                          lam, eps_w, temperature=1.0) -> Evidence:
     """Three contexts and the CEPO epilogue in one kernel launch (no gradient)."""

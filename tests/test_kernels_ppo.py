@@ -151,3 +151,124 @@ def test_on_policy_old_logprobs_none(engine, device):
     assert rel_err(loss, ref) <= 1e-5 and stats.ratio_mean.item() == pytest.approx(1.0)
     for a, b in zip(grads(loss, hidden, weight), grads(ref, hidden, weight)):
         assert rel_err(a, b) <= 1e-5
+
+
+# --------------------------------------------------------------- dual clip, token weights
+
+def verl_dual_clip_loss(lp, old, adv, mask, clip_low, clip_high, clip_c):
+    """verl's compute_policy_loss_vanilla / EasyR1's compute_policy_loss, written out
+    independently (no log-ratio clamp: the inputs stay far inside it), token-mean:
+    (loss, pg_clipfrac_lower)."""
+    ratio = torch.exp(lp - old)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clip1 = torch.maximum(pg1, pg2)
+    pg3 = -adv * clip_c
+    clip2 = torch.min(pg3, clip1)
+    per_token = torch.where(adv < 0, clip2, clip1)
+    m = mask.double()
+    lower = (torch.gt(clip1, pg3) & (adv < 0)).double()
+    return (per_token * m).sum() / m.sum(), (lower * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("engine,device", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("clip_c", [1.3, 3.0])
+def test_dual_clip_matches_verl(engine, device, dtype, clip_c):
+    hidden, weight, targets, old, adv, mask = ppo_inputs(41, 24, 131, dtype, device, seed=3)
+    targets[2] = 7  # every target valid: verl's mask is the response mask alone
+    old = old.clone()
+    old[::4] -= 1.6  # ratios well above 3 on some tokens
+    kw = dict(clip_low=0.2, clip_high=0.28, temperature=0.9)
+    loss, stats = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                           clip_dual=clip_c, backend=engine, **kw)
+    lp = reference.fused_logprobs(hidden, weight, targets, temperature=0.9).logprobs
+    want, want_lower = verl_dual_clip_loss(lp, old.double(), adv.double(), mask, 0.2, 0.28, clip_c)
+    assert want_lower > 0  # the dual clip really binds on these inputs
+    # a sum of terms of both signs: bf16 log-probs move it like a difference (GRAD_TOL)
+    assert rel_err(loss, want) <= GRAD_TOL[dtype]
+    assert rel_err(stats.clip_frac_dual, want_lower) <= 1e-6
+    for got, expected in zip(grads(loss, hidden, weight), grads(want, hidden, weight)):
+        assert rel_err(got, expected) <= GRAD_TOL[dtype]
+    # the dual clip changes the loss (else the test proves little); reference agrees
+    plain, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, backend=engine, **kw)
+    assert abs(plain.item() - loss.item()) > 1e-3
+    ref, ref_stats = reference.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                                     clip_dual=clip_c, **kw)
+    assert rel_err(loss, ref) <= GRAD_TOL[dtype]
+    assert rel_err(stats.clip_frac_dual, ref_stats.clip_frac_dual) <= 1e-6
+
+
+def seq_mean_loss(lp, old, adv, mask, lengths, clip_low, clip_high):
+    """Sequence-mean aggregation written out: the PPO loss averaged over each sequence's
+    kept tokens, then over sequences (verl's seq-mean-token-mean)."""
+    ratio = torch.exp(lp - old)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    means, start = [], 0
+    for k in lengths:
+        sl = slice(start, start + k)
+        means.append(per_token[sl][mask[sl]].mean())
+        start += k
+    return torch.stack(means).mean()
+
+
+@pytest.mark.parametrize("engine,device", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_token_weights_give_sequence_mean(engine, device, dtype):
+    """token_weights = 1 / (kept tokens of the sequence), normalizer = number of sequences:
+    the sequence-mean loss (the trainer's --loss_agg seq), gradients included."""
+    hidden, weight, targets, old, adv, mask = ppo_inputs(41, 24, 131, dtype, device, seed=5)
+    targets[2] = 9
+    lengths = [7, 20, 14]
+    seq_of = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).to(device)
+    kept = torch.zeros(3, device=device).index_add_(0, seq_of, mask.float())
+    w = 1.0 / kept[seq_of]
+    kw = dict(clip_low=0.2, clip_high=0.28, temperature=0.9)
+    loss, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, token_weights=w,
+                                       normalizer=3.0, backend=engine, **kw)
+    lp = reference.fused_logprobs(hidden, weight, targets, temperature=0.9).logprobs
+    want = seq_mean_loss(lp, old.double(), adv.double(), mask, lengths, 0.2, 0.28)
+    assert rel_err(loss, want) <= GRAD_TOL[dtype]
+    for got, expected in zip(grads(loss, hidden, weight), grads(want, hidden, weight)):
+        assert rel_err(got, expected) <= GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("engine,device", ENGINES)
+def test_token_weights_and_dual_clip_with_kl_match_reference(engine, device):
+    """All options at once (weights, dual clip, k3 KL, entropy) against the reference."""
+    hidden, weight, targets, old, adv, mask = ppo_inputs(29, 16, 67, torch.float32, device, seed=8)
+    w = (torch.rand(29, generator=torch.Generator().manual_seed(1)) * 2).to(device)
+    kw = dict(clip_low=0.2, clip_high=0.28, temperature=0.9, clip_dual=1.5, token_weights=w,
+              ref_logprobs=old.flip(0), kl_coef=0.05, normalizer=40.0, return_entropy=True)
+    loss, stats = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, backend=engine,
+                                           **kw)
+    ref, ref_stats = reference.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, **kw)
+    assert rel_err(loss, ref) <= 1e-5
+    for name in ref_stats._fields:
+        assert rel_err(getattr(stats, name), getattr(ref_stats, name)) <= 1e-5, name
+    for got, expected in zip(grads(loss, hidden, weight), grads(ref, hidden, weight)):
+        assert rel_err(got, expected) <= 1e-5
+
+
+def test_gradcheck_dual_clip_and_weights_float64():
+    hidden, weight, targets, old, adv, mask = ppo_inputs(7, 5, 11, torch.float64, "cpu")
+    old, adv = old.double() - 0.5, adv.double()
+    w = torch.rand(7, dtype=torch.float64) + 0.5
+    for engine in ("reference", "torch"):
+        def f(h, wt):
+            return ck.fused_linear_ppo_loss(h, wt, targets, old, adv, mask, temperature=0.8,
+                                            clip_dual=1.4, token_weights=w, backend=engine)[0]
+        assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(clip_dual=1.0), "'clip_dual' must be a finite number > 1.0"),
+    (dict(clip_dual=0.5), "'clip_dual'"),
+    (dict(clip_dual=float("inf")), "'clip_dual'"),
+    (dict(token_weights=torch.ones(3)), "'token_weights' must have shape"),
+    (dict(token_weights=torch.ones(5, dtype=torch.int64)), "'token_weights' must be a floating"),
+])
+def test_bad_dual_clip_and_weights_are_named(bad, message):
+    hidden, weight, targets, old, adv, mask = ppo_inputs(5, 8, 13, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=message):
+        ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, **bad)

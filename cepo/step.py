@@ -237,7 +237,8 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     old = old_logprobs.to(device)[on] if old_logprobs is not None else None
     ref = ref_logprobs.to(device)[on] if ref_logprobs is not None else None
     weights = token_weights.to(device)[on] if token_weights is not None else None
-    result = UpdateResult(0.0, 0.0, {k: 0.0 for k in UPDATE_STATS},
+    stat_names = UPDATE_STATS + (("clip_frac_dual",) if clip_dual is not None else ())
+    result = UpdateResult(0.0, 0.0, {k: 0.0 for k in stat_names},
                           torch.full((responses.num_tokens,), float("nan")))
     for item in micro_batches(sequences, local, token_budget, device):
         if item is None:  # zero weight on the one token: loss exactly 0, zero gradients
@@ -261,30 +262,30 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
             ppo["token_weights"] = weights[pos]
         if clip_dual is not None:
             ppo["clip_dual"] = clip_dual
-        distill_loss = None
         if distill is None:
             loss, stats = policy(batch, index, targets, ppo=ppo)
+            logprobs = stats.logprobs
         else:
-            loss, stats, distill_loss = _distill_forward(policy, batch, index, targets, ppo,
-                                                         distill, on[pos], temperature)
+            out = _distill_forward(policy, batch, index, targets, ppo, distill, on[pos],
+                                   temperature)
+            loss, stats, logprobs = out.loss, out.ppo_stats, out.distill_stats.logprobs
+            result.distill_loss += float(out.distill_loss)
         (loss * world_size).backward()
+        result.logprobs[picked[pos.cpu()]] = logprobs.detach().float().cpu()
         result.loss += float(loss.detach())
         result.tokens += float(targets.numel())
-        if distill_loss is not None:
-            result.distill_loss += float(distill_loss)
-        if stats is None:
+        if stats is None:  # no PPO term (pure self-distillation): no PPO statistics
             continue
-        result.logprobs[picked[pos.cpu()]] = stats.logprobs.detach().float().cpu()
         n = float(stats.num_tokens)
         result.stat_tokens += n
-        for key in UPDATE_STATS:
+        for key in stat_names:
             result.stat_sums[key] += float(getattr(stats, key)) * n
     return result
 
 
 def _distill_forward(policy, batch, index, targets, ppo: dict, spec: DistillSpec,
                      rows: torch.Tensor, temperature: float):
-    """One micro-batch of OPSD / SDPO: (total loss, PPOStats or None, weighted distill loss).
+    """One micro-batch of OPSD / SDPO through the root forward: a ``SelfDistillOutput``.
     ``rows``: the micro-batch's tokens on the canonical axis."""
     device = targets.device
     distill = dict(
@@ -297,5 +298,4 @@ def _distill_forward(policy, batch, index, targets, ppo: dict, spec: DistillSpec
         ppo = dict(ppo, mask=spec.pg_mask.to(device)[rows], coef=spec.pg_coef)
     else:
         ppo = None
-    out = policy(batch, index, targets, ppo=ppo, distill=distill)
-    return out.loss, out.ppo_stats, float(out.distill_loss)
+    return policy(batch, index, targets, ppo=ppo, distill=distill)

@@ -198,7 +198,7 @@ def update(run: Run, items: list[TrainItem], resp: Responses, token_adv: torch.T
                           temperature=cfg.temperature, kl_coef=cfg.kl_coef,
                           token_budget=cfg.token_budget, pad_id=run.tokenizer.pad_token_id,
                           device=device, **extra)
-        if k == 0 and old_lp is None and part.stat_tokens:  # the sampled weights
+        if k == 0 and old_lp is None:  # before any optimizer step: the sampled weights
             trainer_lp = part.logprobs
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0
                                               else float("inf"))

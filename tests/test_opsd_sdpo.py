@@ -220,11 +220,18 @@ def test_update_equals_the_float64_statement(model_dir, divergence, beta, pg_coe
             lp = lp_s.gather(-1, torch.tensor(ids)[:, None])[:, 0]
             loss = loss + pg_coef * w * (-adv[i] * torch.exp(lp - lp.detach())).sum() / z_pg
     loss.backward()
-    want = _grads(ref)
+    _assert_same_grads(got, _grads(ref))
+
+
+def _assert_same_grads(got, want):
+    """Every parameter's gradient, to 1e-4 of the largest gradient entry (fp32 kernels
+    against float64 logits)."""
     assert set(got) == set(want)
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert scale > 0
     for name in want:
-        torch.testing.assert_close(got[name], want[name].float(), atol=2e-5, rtol=2e-4,
-                                   msg=name)
+        err = float((got[name].double() - want[name].double()).abs().max())
+        assert err <= 1e-4 * scale, (name, err, scale)
 
 
 def test_loss_agg_seq_is_the_mean_of_sequence_means(model_dir):
@@ -247,10 +254,7 @@ def test_loss_agg_seq_is_the_mean_of_sequence_means(model_dir):
             -1, torch.tensor(ids)[:, None])[:, 0]
         means.append((-adv[i] * torch.exp(lp - lp.detach())).mean())
     torch.stack(means).mean().backward()
-    want = _grads(ref)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name].float(), atol=2e-5, rtol=2e-4,
-                                   msg=name)
+    _assert_same_grads(got, _grads(ref))
 
 
 def test_clip_dual_and_token_weights_reach_the_fused_loss(model_dir, monkeypatch):
@@ -349,11 +353,13 @@ def test_end_to_end_one_and_two_processes(tmp_path, algo, extra):
                                                      rel=1e-4, abs=1e-7)
     for r in one:
         assert r["lambda"] == 0.0 and r["distill_loss"] > 0 and r["grad_norm"] > 0
+        assert r["logprob_diff_mean"] < 1e-5  # the student's log-probs come from the loss
         if algo == "opsd":  # every rollout is distilled; pure distillation: loss = distill
             assert r["distilled_frac"] == 1.0
             assert r["loss"] == pytest.approx(r["distill_loss"], rel=1e-6)
             assert "clip_frac_low" not in r
         else:  # the GRPO term adds its share
             assert 0.0 < r["distilled_frac"] < 1.0 and "clip_frac_low" in r
+            assert 0.0 <= r["clip_frac_dual"] <= 1.0
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["algo"] == algo and summary["world_size"] == 2

@@ -315,7 +315,7 @@ def train_step(run: Run, step: int) -> dict:
         old_lp = ev.lp_policy if cfg.mini_batches > 1 else None
         if cfg.dump_evidence:
             dump_evidence(run.out / f"evidence_rank{info.rank}.jsonl", step + 1, items, ev, lam)
-    elif active and cfg.mini_batches > 1:
+    elif active and cfg.mini_batches > 1 and not (distilling and cfg.distill_pg_coef == 0):
         old_lp = policy_logprobs(run.policy, [it.policy_ids for it in items], resp,
                                  temperature=cfg.temperature, token_budget=cfg.token_budget,
                                  pad_id=run.tokenizer.pad_token_id, device=device)
@@ -372,7 +372,11 @@ def report_step(run: Run, step: int, metrics: dict, active: bool) -> None:
     cfg = run.cfg
     if not run.info.is_main:
         return
-    if not active:
+    if not active and cfg.algo == "sdpo":
+        log.info("step %d: no rollout had a self-teacher (no group had a successful rollout to "
+                 "learn from) and none carried a policy-gradient signal: update skipped",
+                 step + 1)
+    elif not active:
         log.info("step %d: no rollout carried a signal (every group's rewards were equal): "
                  "update skipped", step + 1)
     if (cfg.algo == "cepo" and metrics.get("lambda", 0) > 0 and active

@@ -140,9 +140,8 @@ class _SelfDistillLoss(torch.autograd.Function):
         keep = mask & valid
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         denom = _math.ppo_denominator(keep, options["normalizer"], acc, weight.device)
-        coef = keep.to(acc) / denom
-        if token_weights is not None:
-            coef = coef * token_weights.to(acc)
+        coef = 1.0 / denom if token_weights is None else token_weights.to(acc) / denom
+        coef = torch.where(keep, coef, torch.zeros((), dtype=acc, device=keep.device))
         grad_on = options["grad_enabled"]
         need_h, need_w = grad_on and ctx.needs_input_grad[0], grad_on and ctx.needs_input_grad[2]
         div, lp, ent, dh, dw = engine.head_distill_grad(

@@ -14,6 +14,9 @@ Products per op (the floor is the count of [N, V, H] products the op cannot avoi
   dz formed in place, then dh = dz W and dW += dz^T h as plain matmuls.
 - ``head_backward`` (the log-prob op, whose upstream gradient arrives later): FOUR (the
   logits are recomputed, never stored).
+- ``head_distill_grad`` (the self-distillation loss): FOUR, the student's and the
+  teacher's logits, then dh = dz W and dW += dz^T h with dz formed from both
+  log-softmaxes (``_math.distill_rows``).
 
 Rows whose gradient coefficient is zero (masked, ignored, clipped, A = 0) are dropped
 from the two gradient products on CPU (finding them reads the data, which on CUDA would

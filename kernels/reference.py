@@ -121,7 +121,8 @@ def fused_linear_self_distill_loss(h_student, h_teacher, weight, targets, mask, 
     valid = targets != IGNORE_INDEX
     keep = mask & valid
     k = keep.double()
-    weighted = per_token * k if token_weights is None else per_token * k * token_weights.double()
+    weighted = per_token if token_weights is None else per_token * token_weights.double()
+    weighted = torch.where(keep, weighted, torch.zeros_like(weighted))
     count = k.sum()
     denom = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(
         float(normalizer), dtype=torch.float64, device=k.device)

@@ -20,6 +20,10 @@ entropy, and ``dz_kernel`` forms dz = a onehot + p (b - c log p), times an optio
 scale (fp16), in the compute dtype, in place where that is fp32. dh = dz W and
 dW += dz^T h are then library GEMMs too: no atomics.
 
+Self-distillation (``distill_row_kernel``, ``distill_dz_kernel``): the same pattern on the
+student's and the teacher's logits chunks: per row the divergence (and KL(q || m) for the
+JSD), then dz elementwise.
+
 UPCAST (a constexpr) casts tiles to fp32 before tl.dot: Triton's CPU interpreter
 computes bf16 / fp16 dots wrongly, so the tests run the interpreter that way.
 """
@@ -263,5 +267,96 @@ def dz_kernel(z_ptr, stride_z, dz_ptr, stride_dz, y_ptr, lse_ptr, a_ptr, b_ptr, 
     g += tl.where(cols[None, :] == y[:, None], a[:, None], 0.0)
     if HAS_SCALE:
         g = g * tl.load(scale_ptr)
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
+             g.to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------- self-distillation
+# KIND: 0 forward KL(p || q), 1 reverse KL(q || p), 2 generalised JSD with the mixture
+# m = beta p + (1 - beta) q (q the student, p the teacher; see _math.distill_rows).
+
+@triton.jit
+def _distill_logs(zs, zt, lse_s, lse_t, inv_temp, log_beta, log_1mbeta, KIND: tl.constexpr):
+    """log q, log p (and log m for the JSD, else log q) of one [BLOCK_R, BLOCK_V] tile."""
+    lq = zs.to(tl.float32) * inv_temp - lse_s[:, None]
+    lp = zt.to(tl.float32) * inv_temp - lse_t[:, None]
+    lm = lq
+    if KIND == 2:
+        a = lq + log_1mbeta
+        b = lp + log_beta
+        mx = tl.maximum(a, b)
+        lm = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+    return lq, lp, lm
+
+
+@triton.jit(do_not_specialize=["R"])
+def distill_row_kernel(zs_ptr, stride_s, zt_ptr, stride_t, lse_s_ptr, lse_t_ptr, d_ptr, k_ptr,
+                       R, V, inv_temp, beta, log_beta, log_1mbeta, KIND: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per row of the student / teacher logits chunks (fp32 [R, V]): the divergence D and,
+    for the JSD, K = KL(q || m) (the gradient needs it); K = D for the two KLs."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+    acc_p = tl.zeros([BLOCK_R], tl.float32)
+    acc_q = tl.zeros([BLOCK_R], tl.float32)
+    base_s = zs_ptr + rows.to(tl.int64)[:, None] * stride_s
+    base_t = zt_ptr + rows.to(tl.int64)[:, None] * stride_t
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols < V)[None, :]
+        zs = tl.load(base_s + cols[None, :], mask=ok, other=0.0)
+        zt = tl.load(base_t + cols[None, :], mask=ok, other=0.0)
+        lq, lp, lm = _distill_logs(zs, zt, lse_s, lse_t, inv_temp, log_beta, log_1mbeta, KIND)
+        if KIND == 0:
+            acc_p += tl.sum(tl.where(ok, tl.exp(lp) * (lp - lq), 0.0), axis=1)
+        elif KIND == 1:
+            acc_q += tl.sum(tl.where(ok, tl.exp(lq) * (lq - lp), 0.0), axis=1)
+        else:
+            acc_p += tl.sum(tl.where(ok, tl.exp(lp) * (lp - lm), 0.0), axis=1)
+            acc_q += tl.sum(tl.where(ok, tl.exp(lq) * (lq - lm), 0.0), axis=1)
+    if KIND == 0:
+        d = acc_p
+        k = acc_p
+    elif KIND == 1:
+        d = acc_q
+        k = acc_q
+    else:
+        d = beta * acc_p + (1.0 - beta) * acc_q
+        k = acc_q
+    tl.store(d_ptr + rows, d, mask=row_ok)
+    tl.store(k_ptr + rows, k, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["R"])
+def distill_dz_kernel(zs_ptr, stride_s, zt_ptr, stride_t, dz_ptr, stride_dz, lse_s_ptr, lse_t_ptr,
+                      d_ptr, k_ptr, coef_ptr, R, V, inv_temp, beta, log_beta, log_1mbeta,
+                      KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """dz = coef dD/du, stored in dz's dtype (dz may alias the student chunk: fp32, in place).
+
+    forward KL: q - p; reverse KL: q (log q - log p - D); JSD: (1 - beta) q (log q - log m - K).
+    coef [R] already carries 1/T and the row's weight / normalizer (0 for dropped rows).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < R
+    ok = row_ok[:, None] & (cols < V)[None, :]
+    zs = tl.load(zs_ptr + rows.to(tl.int64)[:, None] * stride_s + cols[None, :], mask=ok, other=0.0)
+    zt = tl.load(zt_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=ok, other=0.0)
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    lq, lp, lm = _distill_logs(zs, zt, lse_s, lse_t, inv_temp, log_beta, log_1mbeta, KIND)
+    q = tl.exp(lq)
+    if KIND == 0:
+        g = q - tl.exp(lp)
+    elif KIND == 1:
+        d = tl.load(d_ptr + rows, mask=row_ok, other=0.0)
+        g = q * (lq - lp - d[:, None])
+    else:
+        k = tl.load(k_ptr + rows, mask=row_ok, other=0.0)
+        g = (1.0 - beta) * q * (lq - lm - k[:, None])
+    g = g * coef[:, None]
     tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
              g.to(dz_ptr.dtype.element_ty), mask=ok)

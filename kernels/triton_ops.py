@@ -10,6 +10,10 @@
   ``dz_kernel`` (dz in the compute dtype, scaled for fp16), then dh = dz W and
   dW += dz^T h as library GEMMs (``chunked.gradient_products``). No atomics, so the
   result is deterministic.
+- ``head_distill_grad`` (the self-distillation loss) in FOUR products per row chunk: the
+  student's and the teacher's logits from the library GEMM, ``row_stats_kernel`` on each,
+  ``distill_row_kernel`` (the divergence), ``distill_dz_kernel`` (dz), then the two
+  gradient GEMMs.
 - ``head_backward`` (the log-prob op): the same, with the logits recomputed (four products)
   and their logsumexp re-reduced (one more read of the chunk) so p is consistent with them.
 
@@ -19,13 +23,15 @@ No op reads device data on the host (no synchronisation).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 
 from . import backend, chunked
 from ._types import Evidence
-from .triton_kernels import dz_kernel, row_stats_kernel, stacked_fwd_kernel
+from .triton_kernels import (distill_dz_kernel, distill_row_kernel, dz_kernel, row_stats_kernel,
+                             stacked_fwd_kernel)
 
 FORCE_NUM_SPLITS: int | None = None
 """Tests set this to exercise the multi-split (atomic ticket) path of the forward kernel."""
@@ -272,22 +278,70 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     return dh, chunked._finish_dw(dw32, weight)
 
 
+def _distill_consts(kind, beta):
+    """(KIND constexpr, beta, log beta, log(1 - beta)) for the distillation kernels."""
+    code = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}[kind]
+    if code != 2:
+        return code, 0.0, 0.0, 0.0
+    return code, float(beta), math.log(beta), math.log1p(-beta)
+
+
 def head_distill_grad(h_student, h_teacher, weight, y, keep, temperature, kind, beta, coef,
                       need_h, need_w):
-    """Engine API (see chunked.head_distill_grad). The self-distillation loss needs both
-    distributions element by element (KL(p || m) has log m = log(beta p + (1 - beta) q)),
-    which the K-context forward kernel, reducing each context on its own, cannot give; so
-    this is the chunked engine's design on the GPU: the logits chunks and the two gradient
-    products are library GEMMs (fp32 logits from bf16 / fp16 operands), the
-    log-softmax, divergence and dz elementwise PyTorch, in large row chunks."""
+    """Engine API (see chunked.head_distill_grad): four products per row chunk.
+
+    The divergence needs both distributions element by element (log m = log(beta p +
+    (1 - beta) q)), which the K-context forward kernel, reducing each context on its own,
+    cannot give. So per row chunk: the student's and the teacher's logits from the library
+    GEMM (fp32 output), ``row_stats_kernel`` on each (log-prob, logsumexp, entropy),
+    ``distill_row_kernel`` (D, and KL(q || m) for the JSD), ``distill_dz_kernel`` (dz in
+    the compute dtype; in place in the student chunk where that is fp32), then dh = dz W
+    and dW += dz^T h as library GEMMs. No atomics, no host sync.
+    """
     _check_dtype(weight.dtype)
     n, vocab = y.shape[0], weight.shape[0]
-    rows = None
-    if weight.device.type == "cuda":
-        rows = max(1, GPU_CHUNK_BYTES // (8 * 4 * max(1, vocab)))  # ~8 fp32 [rows, V] temporaries
-    return chunked.head_distill_grad(_row_major(h_student), _row_major(h_teacher),
-                                     _row_major(weight), y, keep, temperature, kind, beta, coef,
-                                     need_h, need_w, rows=rows)
+    dev = weight.device
+    head = chunked._Head(_row_major(h_student), _row_major(weight))
+    h_t = _row_major(h_teacher if h_teacher.dtype == head.dtype else h_teacher.to(head.dtype))
+    inv_temp = 1.0 / temperature
+    code, beta_f, log_beta, log_1mbeta = _distill_consts(kind, beta)
+    f32 = dict(dtype=torch.float32, device=dev)
+    div, lp, ent = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
+    dh, dw32 = chunked._grad_buffers(h_student, weight, head, need_h, need_w)
+    want_grad = dh is not None or dw32 is not None
+    coef = (coef.float() * inv_temp).contiguous()
+    y_ids = y.contiguous()  # valid ids (0 for ignored rows: their log-prob is masked by the caller)
+    rows = _chunk_rows(n, vocab, dev) if dev.type != "cuda" else max(
+        1, min(n, GPU_CHUNK_BYTES // (3 * 4 * max(1, vocab))))  # two fp32 chunks and dz
+    cfg = _row_cfg(dev)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        r = r1 - r0
+        zs = _logits_chunk(head.h[r0:r1], head.w)
+        zt = _logits_chunk(h_t[r0:r1], head.w)
+        lp_c, lse_s, ent_c = _row_stats(zs, y_ids[r0:r1], temperature, True)
+        _, lse_t, _ = _row_stats(zt, y_ids[r0:r1], temperature, False)
+        lp[r0:r1], ent[r0:r1] = lp_c, ent_c
+        d_c, k_c = torch.empty(r, **f32), torch.empty(r, **f32)
+        distill_row_kernel[(triton.cdiv(r, cfg["BLOCK_R"]),)](
+            zs, zs.stride(0), zt, zt.stride(0), lse_s, lse_t, d_c, k_c, r, vocab, inv_temp,
+            beta_f, log_beta, log_1mbeta, KIND=code, **cfg)
+        div[r0:r1] = torch.where(keep[r0:r1], d_c, torch.zeros_like(d_c))
+        if not want_grad:
+            continue
+        out_dtype = head.dtype if head.dtype == torch.bfloat16 else torch.float32
+        dz = zs if out_dtype == torch.float32 else torch.empty(r, vocab, dtype=out_dtype, device=dev)
+        distill_dz_kernel[(triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(vocab, cfg["BLOCK_V"]))](
+            zs, zs.stride(0), zt, zt.stride(0), dz, dz.stride(0), lse_s, lse_t, d_c, k_c,
+            coef[r0:r1], r, vocab, inv_temp, beta_f, log_beta, log_1mbeta, KIND=code, **cfg)
+        del zt
+        scale = chunked.fp16_tile_scale(dz, head.dtype)
+        if scale is not None:  # fp16: the fp32 dz scaled to ~1, then rounded to fp16
+            dz = dz.mul_(scale).to(torch.float16)
+        del zs
+        _products(dz, head, r0, r1, scale, dh, dw32)
+        del dz
+    return div, lp, ent, dh, chunked._finish_dw(dw32, weight)
 
 
 def contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages, has_negative, *,

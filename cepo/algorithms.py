@@ -26,12 +26,13 @@ def group_advantages(rewards: torch.Tensor, *, std_normalize: bool = True,
 
 
 def lambda_at(step: int, *, algo: str, lam0: float, t_warm: int, schedule: str) -> float:
-    """lambda for a 0-based step: lam0 decaying to 0 over t_warm steps; 0 for GRPO.
+    """lambda for a 0-based step: lam0 decaying to 0 over t_warm steps; 0 for GRPO (and for
+    OPSD / SDPO, which use no contrastive evidence).
 
     linear: lam0 (1 - step / t_warm); cosine: lam0 (1 + cos(pi step / t_warm)) / 2; both 0
     from step t_warm on. constant: lam0 always.
     """
-    if algo == "grpo":
+    if algo in ("grpo", "opsd", "sdpo"):
         return 0.0
     if schedule == "constant":
         return lam0

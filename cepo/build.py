@@ -32,7 +32,7 @@ def load_tokenizer(cfg: TrainConfig):
 
 def _builtin(split: str, n: int, seed: int) -> list[Example]:
     from cepo.arithmetic import make_split
-    return [Example(r["prompt"], r["answer"], f"arithmetic-{split}[{i}]")
+    return [Example(r["prompt"], r["answer"], f"arithmetic-{split}[{i}]", r["solution"])
             for i, r in enumerate(make_split(split, n, seed))]
 
 
@@ -40,7 +40,7 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples: the built-in task's splits, or user files / datasets."""
     def load(path):
         return load_examples(path, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
-                             on_bad_row=cfg.on_bad_row)
+                             on_bad_row=cfg.on_bad_row, solution_field=cfg.solution_field)
 
     if cfg.train_data == BUILTIN_TASK:
         train = _builtin("train", cfg.num_train, cfg.seed)

@@ -22,15 +22,19 @@ BUILTIN_TASK = "builtin:arithmetic"
 TINY_MODEL = str(Path(__file__).parent / "assets" / "tiny-arith")
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_CONFIG = str(CONFIG_DIR / "tiny-arith.yaml")
+ALGOS = ("grpo", "rlsd", "cepo", "opsd", "sdpo")
+DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")
 
 
 @dataclass
 class TrainConfig:
-    """GRPO / RLSD / CEPO training of a Hugging Face causal LM."""
+    """GRPO / RLSD / CEPO / OPSD / SDPO training of a Hugging Face causal LM."""
 
     # --- algorithm -------------------------------------------------------------------
-    algo: Literal["grpo", "rlsd", "cepo"] = "cepo"
-    """grpo: lambda = 0; rlsd: D = lp_pos - lp_policy; cepo: D = lp_pos - lp_neg."""
+    algo: Literal["grpo", "rlsd", "cepo", "opsd", "sdpo"] = "cepo"
+    """grpo: lambda = 0; rlsd: D = lp_pos - lp_policy; cepo: D = lp_pos - lp_neg; opsd / sdpo:
+    self-distillation from the policy given the reference solution (opsd) or a successful
+    rollout of the same group (sdpo); see docs/algorithm.md."""
     lam0: float = 0.5
     """Initial lambda: weight of the token-level evidence in the token advantage."""
     lam_schedule: Literal["linear", "constant", "cosine"] = "linear"
@@ -51,6 +55,32 @@ class TrainConfig:
     """Which rejected rollout of a group supplies the wrong-answer hint."""
     hint_template: str = "{answer}"
     """Teacher hint appended to the prompt ({answer} is replaced); see cepo.contexts."""
+    clip_dual: Optional[float] = None
+    """PPO dual-clip: the loss of a negative-advantage token is at most clip_dual * |A| (ratio
+    capped at clip_dual); None: off. EasyR1 and verl use 3.0; must be > 1."""
+    loss_agg: Literal["token", "seq"] = "token"
+    """How per-token losses are averaged: token = mean over all trained tokens of the batch;
+    seq = mean over trained sequences of each sequence's token mean."""
+    distill_divergence: Literal["jsd", "forward_kl", "reverse_kl"] = "jsd"
+    """opsd / sdpo: divergence between teacher and student next-token distributions; jsd is
+    the generalised Jensen-Shannon divergence with distill_beta (both papers' default)."""
+    distill_beta: float = 0.5
+    """opsd / sdpo: JSD interpolation in [0, 1]; 0 = forward KL(teacher || student),
+    1 = reverse KL(student || teacher), as in both papers (used by divergence jsd only)."""
+    distill_coef: float = 1.0
+    """opsd / sdpo: weight of the self-distillation loss."""
+    distill_pg_coef: float = 0.0
+    """opsd / sdpo: weight of the PPO/GRPO term (group advantages) added to the distillation
+    loss on the same forward pass; 0 (default) = pure distillation, as both papers train."""
+    opsd_template: str = ("{prompt}\n\nHere is a reference solution to this problem:\n{solution}"
+                          "\n\nNow solve the problem yourself, step by step, reaching the same "
+                          "final answer.")
+    """opsd: the teacher's user message; {solution} is the dataset's solution_field when the
+    row has one, else its answer."""
+    sdpo_template: str = ("{prompt}\nCorrect solution:\n\n{demonstration}\n\n"
+                          "Correctly solve the original question.")
+    """sdpo: the teacher's user message (the SDPO reference's reprompt layout); {demonstration}
+    is a successful rollout of the same group."""
     max_bad_steps: int = 3
     """Stop the run after this many consecutive steps whose loss or gradient norm is NaN/inf
     (each such step skips the optimizer step and is counted in nonfinite_update)."""
@@ -85,6 +115,9 @@ class TrainConfig:
     """Field holding the prompt."""
     answer_field: str = "answer"
     """Field holding the ground-truth answer."""
+    solution_field: str = "solution"
+    """Field holding a worked reference solution, read when present (opsd's privileged
+    information; the built-in task has one)."""
     on_bad_row: Literal["skip", "error"] = "skip"
     """Rows without a prompt or answer: skip them (reported) or stop with an error."""
     num_train: int = 2000
@@ -220,6 +253,7 @@ class TrainConfig:
             bad("token_budget", "must exceed max_new_tokens (a sequence must fit)")
         if "{answer}" not in self.hint_template:
             bad("hint_template", "must contain '{answer}'")
+        self._validate_distill(bad)
         if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
             bad("vllm_gpu_memory_utilization", "must be in (0, 1)")
         if self.max_bad_steps < 1:
@@ -233,6 +267,35 @@ class TrainConfig:
         if self.model != TINY_MODEL and not os.path.isdir(self.model):
             bad("model", f"is not a local directory: {self.model!r} (models are never downloaded; "
                          "pass the path of a Hugging Face checkpoint)")
+
+    def _validate_distill(self, bad) -> None:
+        """The PPO-loss and self-distillation options (opsd / sdpo)."""
+        if self.algo not in ALGOS:
+            bad("algo", f"must be one of {ALGOS}, got {self.algo!r}")
+        if self.clip_dual is not None and not self.clip_dual > 1.0:
+            bad("clip_dual", f"must be > 1 (or None: off), got {self.clip_dual}")
+        if self.loss_agg not in ("token", "seq"):
+            bad("loss_agg", f"must be 'token' or 'seq', got {self.loss_agg!r}")
+        if self.distill_divergence not in DIVERGENCES:
+            bad("distill_divergence", f"must be one of {DIVERGENCES}, got "
+                                      f"{self.distill_divergence!r}")
+        if not 0.0 <= self.distill_beta <= 1.0:
+            bad("distill_beta", f"must be in [0, 1], got {self.distill_beta}")
+        if self.distill_coef < 0 or self.distill_pg_coef < 0:
+            name = "distill_coef" if self.distill_coef < 0 else "distill_pg_coef"
+            bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.algo in ("opsd", "sdpo") and self.distill_coef == 0 and self.distill_pg_coef == 0:
+            bad("distill_coef", "and distill_pg_coef are both 0: nothing would be trained")
+        for name, fields in (("opsd_template", ("prompt", "solution")),
+                             ("sdpo_template", ("prompt", "demonstration"))):
+            template = getattr(self, name)
+            try:
+                template.format(**{f: "" for f in fields})
+            except (KeyError, IndexError, ValueError) as e:
+                bad(name, f"must be a str.format template with only the fields {fields} "
+                          f"(write literal braces as {{{{ }}}}): {e!r}")
+            if any("{" + f + "}" not in template for f in fields):
+                bad(name, f"must contain {' and '.join('{' + f + '}' for f in fields)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,6 +21,7 @@ class Example:
     prompt: str
     answer: str
     source: str
+    solution: str | None = None  # a worked reference solution, when the data has one (opsd)
 
 
 def _field(row: dict, name: str):
@@ -77,8 +78,10 @@ def _rows(path: str, split: str):
 
 
 def load_examples(path_or_name: str, *, prompt_field: str = "prompt", answer_field: str = "answer",
-                  split: str = "train", on_bad_row: str = "skip") -> list[Example]:
-    """Load {prompt, answer} examples; bad rows are skipped with a warning or raise."""
+                  split: str = "train", on_bad_row: str = "skip",
+                  solution_field: str | None = None) -> list[Example]:
+    """Load {prompt, answer} examples; bad rows are skipped with a warning or raise.
+    ``solution_field``: read into ``Example.solution`` where a row has a non-empty one."""
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
     examples, bad = [], []
@@ -93,7 +96,9 @@ def load_examples(path_or_name: str, *, prompt_field: str = "prompt", answer_fie
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             bad.append(f"{where}: missing or empty field '{answer_field}'")
             continue
-        examples.append(Example(str(prompt), str(answer).strip(), where))
+        solution = _field(row, solution_field) if solution_field else None
+        solution = str(solution).strip() if solution is not None and str(solution).strip() else None
+        examples.append(Example(str(prompt), str(answer).strip(), where, solution))
     if bad:
         listing = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
         if on_bad_row == "error":

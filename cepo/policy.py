@@ -11,6 +11,8 @@ the backward. Full-vocabulary logits are never formed.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -35,19 +37,53 @@ class FusedHeadPolicy(nn.Module):
         return hf_model_utils.lm_head_weight(self.base)
 
     def forward(self, batch: PackedBatch, index: torch.Tensor, targets: torch.Tensor | None = None,
-                ppo: dict | None = None):
+                ppo: dict | None = None, distill: dict | None = None):
         """hidden [M, H] at ``index`` (rows predicting response tokens), or, with ``ppo``
         (keyword arguments of fused_linear_ppo_loss besides hidden/weight/targets),
-        (loss, PPOStats) of those tokens."""
+        (loss, PPOStats) of those tokens. With ``distill`` (OPSD / SDPO: ``h_teacher`` [M, H],
+        ``coef`` and the other keywords of fused_linear_self_distill_loss) the same hidden
+        states also feed the self-distillation loss: (coef * distill_loss + pg_coef *
+        ppo_loss, ...) as a ``SelfDistillOutput``, ``ppo`` then optional and carrying
+        its weight as ``coef``."""
         hidden = hf_model_utils.body_hidden_states(hf_model_utils.decoder_body(self.base), batch)
         if not torch.isfinite(hidden).all():
             raise FloatingPointError(
                 "non-finite hidden states from the decoder body: the model diverged or its "
                 "weights are corrupt; lower lr, check the checkpoint, or use float32")
         h = hidden[index]
+        if distill is not None:
+            return self_distill_and_ppo(h, self.head_weight(), targets, ppo, distill)
         if ppo is None:
             return h
         return ck.fused_linear_ppo_loss(h, self.head_weight(), targets, **ppo)
+
+
+class SelfDistillOutput(NamedTuple):
+    """What the root forward returns for OPSD / SDPO."""
+
+    loss: torch.Tensor          # coef * distill_loss (+ pg_coef * ppo_loss), 0-dim
+    ppo_stats: object | None    # PPOStats of the PPO term, None without one
+    distill_stats: object       # the self-distillation op's statistics
+    distill_loss: torch.Tensor  # coef * distill_loss, detached
+
+
+def self_distill_and_ppo(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ppo: dict | None, distill: dict) -> SelfDistillOutput:
+    """coef * self-distillation loss (+ pg_coef * PPO loss) on ONE student forward: both
+    fused ops take the same hidden states [M, H], and autograd adds their gradients."""
+    distill = dict(distill)
+    coef, h_teacher = distill.pop("coef"), distill.pop("h_teacher")
+    distill_loss, distill_stats = ck.fused_linear_self_distill_loss(h, h_teacher, weight,
+                                                                    targets, **distill)
+    loss = coef * distill_loss
+    weighted = loss.detach()
+    ppo_stats = None
+    if ppo is not None:
+        ppo = dict(ppo)
+        pg_coef = ppo.pop("coef")
+        pg_loss, ppo_stats = ck.fused_linear_ppo_loss(h, weight, targets, **ppo)
+        loss = loss + pg_coef * pg_loss
+    return SelfDistillOutput(loss, ppo_stats, distill_stats, weighted)
 
 
 def decoder_layers(base: nn.Module) -> list[nn.Module]:

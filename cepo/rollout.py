@@ -118,6 +118,8 @@ class TrainItem:
     advantage: float
     correct: bool
     sampler_logprobs: list[float] | None = None  # the sampler's, when asked (sync check)
+    teacher_ids: list[int] | None = None  # opsd / sdpo: the self-teacher's context (None: not
+                                          # distilled); cepo.self_distill
 
 
 def train_items(groups: Groups, *, build_contexts, with_teachers: bool,

@@ -183,32 +183,62 @@ UPDATE_STATS = ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "e
 class UpdateResult:
     """One mini-batch's update on this rank: its loss share (the ranks' shares add up to
     the mini-batch's token mean), token-weighted statistic sums, and the [N] log-probs of
-    the responses under the weights before this update (NaN outside the mini-batch)."""
+    the responses under the weights before this update (NaN outside the mini-batch).
+    ``stat_tokens``: the tokens the PPO statistics were summed over; ``distill_loss``: this
+    rank's share of the weighted self-distillation term (OPSD / SDPO), included in ``loss``."""
 
     loss: float
     tokens: float
     stat_sums: dict[str, float]
     logprobs: torch.Tensor
+    stat_tokens: float = 0.0
+    distill_loss: float = 0.0
+
+
+@dataclass
+class DistillSpec:
+    """What OPSD / SDPO add to an update: the self-teacher's hidden states and which tokens
+    are distilled (docs/algorithm.md, "OPSD and SDPO"). Tensors are [N] / [N, H] in
+    canonical order, like the token advantages."""
+
+    teacher_hidden: torch.Tensor     # [N, H], no grad (context_hidden_states)
+    distilled: torch.Tensor          # [N] bool: token of a rollout that has a teacher
+    pg_mask: torch.Tensor            # [N] bool: token of a rollout with A != 0 (PPO term)
+    normalizer: float                # global distilled tokens (sequences for loss_agg seq)
+    coef: float                      # distill_coef
+    pg_coef: float                   # distill_pg_coef (0: no PPO term)
+    divergence: str
+    beta: float
+    token_weights: torch.Tensor | None = None  # [N] (loss_agg seq: 1 / length)
 
 
 def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[int], *,
                token_advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
                ref_logprobs: torch.Tensor | None, global_tokens: float, world_size: int,
                clip_low: float, clip_high: float, temperature: float, kl_coef: float,
-               token_budget: int, pad_id: int, device: torch.device) -> UpdateResult:
+               token_budget: int, pad_id: int, device: torch.device,
+               token_weights: torch.Tensor | None = None, clip_dual: float | None = None,
+               distill: DistillSpec | None = None) -> UpdateResult:
     """Forward + backward of the fused PPO loss over the given rollouts (one mini-batch).
 
     The loss of each micro-batch is divided by the global number of tokens of the
     mini-batch (all ranks), so the summed gradient is the token mean over the whole
     mini-batch; FSDP2 averages gradients over ranks, hence the factor world_size.
+    ``token_weights`` [N] (loss_agg seq: 1 / the rollout's length, with ``global_tokens``
+    then the global number of sequences) and ``clip_dual`` go to fused_linear_ppo_loss
+    when given. ``distill`` (OPSD / SDPO): the self-distillation loss on the same student
+    forward, plus the PPO term weighted by its pg_coef when that is > 0.
     """
     picked = responses.positions(rollout_indices)
     local = Responses.of([responses.response_ids[i] for i in rollout_indices])
     sequences = [Sequence(policy_ctx[i], k) for k, i in enumerate(rollout_indices)]
-    adv = token_advantages.to(device)[picked.to(device)]
-    old = old_logprobs.to(device)[picked.to(device)] if old_logprobs is not None else None
-    ref = ref_logprobs.to(device)[picked.to(device)] if ref_logprobs is not None else None
-    result = UpdateResult(0.0, 0.0, {k: 0.0 for k in UPDATE_STATS},
+    on = picked.to(device)
+    adv = token_advantages.to(device)[on]
+    old = old_logprobs.to(device)[on] if old_logprobs is not None else None
+    ref = ref_logprobs.to(device)[on] if ref_logprobs is not None else None
+    weights = token_weights.to(device)[on] if token_weights is not None else None
+    stat_names = UPDATE_STATS + (("clip_frac_dual",) if clip_dual is not None else ())
+    result = UpdateResult(0.0, 0.0, {k: 0.0 for k in stat_names},
                           torch.full((responses.num_tokens,), float("nan")))
     for item in micro_batches(sequences, local, token_budget, device):
         if item is None:  # zero weight on the one token: loss exactly 0, zero gradients
@@ -222,17 +252,50 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
         members, batch, index = item
         pos = local.positions([sequences[j].rollout for j in members]).to(device)
         targets = local.targets.to(device)[pos]
-        loss, stats = policy(batch, index, targets, ppo=dict(
+        ppo = dict(
             old_logprobs=old[pos] if old is not None else None, token_advantages=adv[pos],
             mask=torch.ones_like(targets, dtype=torch.bool), clip_low=clip_low,
             clip_high=clip_high, temperature=temperature, normalizer=global_tokens,
             ref_logprobs=ref[pos] if ref is not None else None, kl_coef=kl_coef,
-            return_entropy=True))
+            return_entropy=True)
+        if weights is not None:
+            ppo["token_weights"] = weights[pos]
+        if clip_dual is not None:
+            ppo["clip_dual"] = clip_dual
+        if distill is None:
+            loss, stats = policy(batch, index, targets, ppo=ppo)
+            logprobs = stats.logprobs
+        else:
+            out = _distill_forward(policy, batch, index, targets, ppo, distill, on[pos],
+                                   temperature)
+            loss, stats, logprobs = out.loss, out.ppo_stats, out.distill_stats.logprobs
+            result.distill_loss += float(out.distill_loss)
         (loss * world_size).backward()
-        result.logprobs[picked[pos.cpu()]] = stats.logprobs.detach().float().cpu()
-        n = float(stats.num_tokens)
+        result.logprobs[picked[pos.cpu()]] = logprobs.detach().float().cpu()
         result.loss += float(loss.detach())
-        result.tokens += n
-        for key in UPDATE_STATS:
+        result.tokens += float(targets.numel())
+        if stats is None:  # no PPO term (pure self-distillation): no PPO statistics
+            continue
+        n = float(stats.num_tokens)
+        result.stat_tokens += n
+        for key in stat_names:
             result.stat_sums[key] += float(getattr(stats, key)) * n
     return result
+
+
+def _distill_forward(policy, batch, index, targets, ppo: dict, spec: DistillSpec,
+                     rows: torch.Tensor, temperature: float):
+    """One micro-batch of OPSD / SDPO through the root forward: a ``SelfDistillOutput``.
+    ``rows``: the micro-batch's tokens on the canonical axis."""
+    device = targets.device
+    distill = dict(
+        h_teacher=spec.teacher_hidden.to(device)[rows], coef=spec.coef,
+        mask=spec.distilled.to(device)[rows], divergence=spec.divergence, beta=spec.beta,
+        temperature=temperature, normalizer=spec.normalizer,
+        token_weights=(spec.token_weights.to(device)[rows]
+                       if spec.token_weights is not None else None))
+    if spec.pg_coef > 0:
+        ppo = dict(ppo, mask=spec.pg_mask.to(device)[rows], coef=spec.pg_coef)
+    else:
+        ppo = None
+    return policy(batch, index, targets, ppo=ppo, distill=distill)

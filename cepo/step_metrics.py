@@ -37,6 +37,8 @@ REDUCTIONS: dict[str, str] = {
     "logprob_diff_mean": "mean", "logprob_diff_max": "max",
     # the contrastive evidence (per evidence token)
     "delta_abs_correct": "mean", "delta_abs_wrong": "mean", "weight_clipped_frac": "mean",
+    # self-distillation (opsd / sdpo): rollouts with a teacher, and the weighted loss term
+    "distilled_frac": "mean", "distill_loss": "mean", "clip_frac_dual": "mean",
     # the step
     "lambda": "rank0", "lr": "rank0", "response_tokens": "sum", "peak_memory_gb": "max",
 }

@@ -34,13 +34,18 @@ from cepo.rollout import Groups, TrainItem, balance_items, sample_groups, train_
 from cepo.run_lock import LauncherWatch, OutputDirLock
 from cepo.samples import SampleWriter, gather_to_main, sample_record
 from cepo.sampler import SamplingParams
-from cepo.step import Responses, evidence, policy_logprobs, ppo_update
+from cepo.self_distill import distill_items
+from cepo.step import (DistillSpec, Responses, context_hidden_states, evidence, policy_logprobs,
+                       ppo_update)
 from cepo.step_metrics import REDUCTIONS, STATUS_PREFIX, TIME_PREFIX, StepMetrics
 
 log = logging.getLogger("cepo")
 
 PHASES = ("generate", "score", "teacher", "update", "sync")
 """The phases of a step, timed as time_<phase>; step_seconds is their sum."""
+
+DISTILL_ALGOS = ("opsd", "sdpo")
+"""Self-distillation algorithms: the loss is a divergence to a self-teacher (cepo.self_distill)."""
 
 
 @dataclass
@@ -156,25 +161,43 @@ def score_evidence(run: Run, items: list[TrainItem], resp: Responses, lam: float
 
 def update(run: Run, items: list[TrainItem], resp: Responses, token_adv: torch.Tensor,
            old_lp: torch.Tensor | None, ref_lp: torch.Tensor | None,
-           m: StepMetrics) -> torch.Tensor | None:
+           m: StepMetrics, teacher_h: torch.Tensor | None = None) -> torch.Tensor | None:
     """PPO update(s) over ``mini_batches`` chunks of the items; a mini-batch whose loss or
     gradient norm is not finite skips its optimizer step (counted). Returns the trainer's
-    [N] log-probs under the weights the rollouts were sampled with (for the sync check)."""
+    [N] log-probs under the weights the rollouts were sampled with (for the sync check).
+    ``teacher_h`` [N, H] (OPSD / SDPO): the self-teacher's hidden states; the loss is then
+    the self-distillation term, plus the PPO term when distill_pg_coef > 0."""
     cfg, device = run.cfg, run.info.device
     params = [p for p in run.policy.parameters() if p.requires_grad]
     chunks = [c.tolist() for c in torch.arange(len(items)).chunk(cfg.mini_batches)] if items else []
     trainer_lp = old_lp
+    seq = cfg.loss_agg == "seq"
+    token_w = loss_agg_weights(resp) if seq else None
     for k in range(cfg.mini_batches):
         members = chunks[k] if k < len(chunks) else []
-        n_local = float(sum(len(resp.response_ids[i]) for i in members))
-        n_global = dist_utils.all_reduce_sum([n_local], device)[0]
+        distill = None
+        if teacher_h is None:
+            n_global = dist_utils.all_reduce_sum([trained_count(resp, members, seq)], device)[0]
+        else:
+            pg = [i for i in members if items[i].advantage != 0.0]
+            taught = [i for i in members if items[i].teacher_ids is not None]
+            n_global, n_taught = dist_utils.all_reduce_sum(
+                [trained_count(resp, pg, seq), trained_count(resp, taught, seq)], device)
+            distill = distill_spec(cfg, items, resp, teacher_h, max(n_taught, 1.0), token_w)
+        extra = {}
+        if token_w is not None:
+            extra["token_weights"] = token_w
+        if cfg.clip_dual is not None:
+            extra["clip_dual"] = cfg.clip_dual
+        if distill is not None:
+            extra["distill"] = distill
         part = ppo_update(run.policy, [it.policy_ids for it in items], resp, members,
                           token_advantages=token_adv, old_logprobs=old_lp, ref_logprobs=ref_lp,
                           global_tokens=max(n_global, 1.0), world_size=run.info.world_size,
                           clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           temperature=cfg.temperature, kl_coef=cfg.kl_coef,
                           token_budget=cfg.token_budget, pad_id=run.tokenizer.pad_token_id,
-                          device=device)
+                          device=device, **extra)
         if k == 0 and old_lp is None:  # before any optimizer step: the sampled weights
             trainer_lp = part.logprobs
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0
@@ -193,9 +216,39 @@ def update(run: Run, items: list[TrainItem], resp: Responses, token_adv: torch.T
         m.add("trained_tokens", part.tokens)
         m.add("grad_norm", grad_norm if finite else 0.0)
         for key, total in part.stat_sums.items():
-            if part.tokens:
-                m.add(key, total / part.tokens, weight=part.tokens)
+            if part.stat_tokens:
+                m.add(key, total / part.stat_tokens, weight=part.stat_tokens)
+        if distill is not None:  # each rank's share times the ranks: the mean is the total
+            m.add("distill_loss", part.distill_loss * run.info.world_size)
     return trainer_lp
+
+
+def trained_count(resp: Responses, rollouts: list[int], seq: bool) -> float:
+    """This rank's share of a loss normaliser: the rollouts' tokens (loss_agg token) or the
+    number of rollouts (loss_agg seq)."""
+    if seq:
+        return float(len(rollouts))
+    return float(sum(len(resp.response_ids[i]) for i in rollouts))
+
+
+def loss_agg_weights(resp: Responses) -> torch.Tensor:
+    """[N] token weights of loss_agg seq: 1 / the length of the token's rollout, so that,
+    divided by the number of sequences, the loss is the mean of per-sequence token means."""
+    lengths = torch.tensor([len(r) for r in resp.response_ids], dtype=torch.long)
+    return per_token([1.0 / max(int(n), 1) for n in lengths], lengths, torch.float32)
+
+
+def distill_spec(cfg: TrainConfig, items: list[TrainItem], resp: Responses,
+                 teacher_h: torch.Tensor, normalizer: float,
+                 token_w: torch.Tensor | None) -> DistillSpec:
+    """The OPSD / SDPO part of an update: teacher states, masks and the loss settings."""
+    lengths = torch.tensor([len(it.response_ids) for it in items], dtype=torch.long)
+    return DistillSpec(
+        teacher_hidden=teacher_h,
+        distilled=per_token([it.teacher_ids is not None for it in items], lengths, torch.bool),
+        pg_mask=per_token([it.advantage != 0.0 for it in items], lengths, torch.bool),
+        normalizer=normalizer, coef=cfg.distill_coef, pg_coef=cfg.distill_pg_coef,
+        divergence=cfg.distill_divergence, beta=cfg.distill_beta, token_weights=token_w)
 
 
 def record_logprob_check(items: list[TrainItem], trainer_lp: torch.Tensor | None,
@@ -228,11 +281,21 @@ def train_step(run: Run, step: int) -> dict:
     # sample -> score -> advantages (and the wrong-answer hints)
     groups = sample_and_score(run, step, m)
 
-    # contexts: rollouts with A != 0, balanced over ranks by tokens
+    # contexts: rollouts with A != 0 (OPSD / SDPO: the distilled ones), balanced over ranks
     use_teachers = cfg.algo != "grpo" and lam > 0.0
-    items = balance_items(train_items(groups, build_contexts=run.contexts,
-                                      with_teachers=use_teachers, algo=cfg.algo),
-                          info.rank, info.world_size)
+    distilling = cfg.algo in DISTILL_ALGOS
+    if distilling:
+        local_items = distill_items(groups, algo=cfg.algo, group_size=cfg.group_size,
+                                    render=run.render, opsd_template=cfg.opsd_template,
+                                    sdpo_template=cfg.sdpo_template,
+                                    with_policy_gradient=cfg.distill_pg_coef > 0)
+        if groups.rollouts:  # the share of sampled rollouts that got a self-teacher
+            taught = sum(it.teacher_ids is not None for it in local_items)
+            m.add("distilled_frac", taught / len(groups.rollouts), weight=len(groups.rollouts))
+    else:
+        local_items = train_items(groups, build_contexts=run.contexts,
+                                  with_teachers=use_teachers, algo=cfg.algo)
+    items = balance_items(local_items, info.rank, info.world_size)
     resp = Responses.of([it.response_ids for it in items])
     lengths = torch.tensor([len(it.response_ids) for it in items], dtype=torch.long)
     active = dist_utils.all_reduce_sum([float(len(items))], device)[0] > 0
@@ -240,14 +303,19 @@ def train_step(run: Run, step: int) -> dict:
     # evidence -> token advantages (old / reference log-probs where needed)
     t0 = time.perf_counter()
     token_adv = per_token([it.advantage for it in items], lengths, torch.float32)
-    old_lp = ref_lp = ev = None
+    old_lp = ref_lp = ev = teacher_h = None
+    if active and distilling:  # the self-teacher: one no-grad pass over the teacher contexts
+        teacher_h = context_hidden_states(
+            run.policy, {"teacher": [it.teacher_ids for it in items]}, resp,
+            token_budget=cfg.token_budget, pad_id=run.tokenizer.pad_token_id,
+            device=device)["teacher"]
     if active and use_teachers:
         ev = score_evidence(run, items, resp, lam, m)
         token_adv = ev.token_advantages
         old_lp = ev.lp_policy if cfg.mini_batches > 1 else None
         if cfg.dump_evidence:
             dump_evidence(run.out / f"evidence_rank{info.rank}.jsonl", step + 1, items, ev, lam)
-    elif active and cfg.mini_batches > 1:
+    elif active and cfg.mini_batches > 1 and not (distilling and cfg.distill_pg_coef == 0):
         old_lp = policy_logprobs(run.policy, [it.policy_ids for it in items], resp,
                                  temperature=cfg.temperature, token_budget=cfg.token_budget,
                                  pad_id=run.tokenizer.pad_token_id, device=device)
@@ -262,7 +330,7 @@ def train_step(run: Run, step: int) -> dict:
     trainer_lp = None
     m.add("update_skipped", 0.0 if active else 1.0)
     if active:
-        trainer_lp = update(run, items, resp, token_adv, old_lp, ref_lp, m)
+        trainer_lp = update(run, items, resp, token_adv, old_lp, ref_lp, m, teacher_h)
         run.scheduler.step()
     else:
         with warnings.catch_warnings():  # no optimizer step happened, on purpose
@@ -304,7 +372,11 @@ def report_step(run: Run, step: int, metrics: dict, active: bool) -> None:
     cfg = run.cfg
     if not run.info.is_main:
         return
-    if not active:
+    if not active and cfg.algo == "sdpo":
+        log.info("step %d: no rollout had a self-teacher (no group had a successful rollout to "
+                 "learn from) and none carried a policy-gradient signal: update skipped",
+                 step + 1)
+    elif not active:
         log.info("step %d: no rollout carried a signal (every group's rewards were equal): "
                  "update skipped", step + 1)
     if (cfg.algo == "cepo" and metrics.get("lambda", 0) > 0 and active

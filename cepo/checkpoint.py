@@ -284,7 +284,8 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, *, model, optimizer, scheduler=None,
-                    trainer_state: dict, keep_last: int = 2) -> Path:
+                    trainer_state: dict, keep_last: int = 2,
+                    extra_models: dict | None = None) -> Path:
     """Save model, optimizer, scheduler, trainer state and every rank's RNG, atomically.
 
     Collective: every rank calls it. ``model`` is a plain module or an FSDP2-sharded one
@@ -293,7 +294,9 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model, optimizer, sched
     Keeps the newest ``keep_last`` complete checkpoints (0 keeps all); complete
     checkpoints of a later step than ``step`` (an abandoned run continued from an older
     checkpoint) are renamed ``*.abandoned`` so that ``latest_checkpoint`` cannot pick
-    them. Returns ``ckpt_root/step_NNNNNN``.
+    them. ``extra_models``: name -> another module (e.g. a lagged teacher) whose weights
+    go into the same atomic checkpoint (no optimizer state); ``load_checkpoint`` restores
+    them by name. Returns ``ckpt_root/step_NNNNNN``.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"save_checkpoint: 'step' must be an int >= 0, got {step!r}")
@@ -315,8 +318,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model, optimizer, sched
     model_sd, _ = _drop_aliases(model_sd)
     optim_tensors, optim_extras = _split_optim(optim_sd)
     optim_extras["fresh"] = fresh
+    extras = {name: _drop_aliases(get_model_state_dict(m))[0]
+              for name, m in (extra_models or {}).items()}
     meta = {"format": FORMAT, "step": step, "world_size": _world(),
-            "trainer_state": trainer_state,
+            "trainer_state": trainer_state, "extra_models": sorted(extras),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "optimizer": optim_extras}
     _json(trainer_state, "'trainer_state'", "store plain numbers, strings, lists and dicts")
@@ -335,8 +340,9 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model, optimizer, sched
     _on_rank0(prepare, f"create {tmp}")
     with warnings.catch_warnings():  # "torch.distributed is disabled": a plain process is fine
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_tensors}, storage_writer=_writer(tmp / "dcp"),
-                 no_dist=not dist.is_initialized())
+        dcp.save({"model": model_sd, "optim": optim_tensors,
+                  **{f"extra_{name}": sd for name, sd in extras.items()}},
+                 storage_writer=_writer(tmp / "dcp"), no_dist=not dist.is_initialized())
     save_file(rng_tensors, str(tmp / f"rng_rank{_rank():05d}.safetensors"), metadata=rng_meta)
 
     def publish():
@@ -362,13 +368,16 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model, optimizer, sched
     return final
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, scheduler=None) -> dict:
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler=None,
+                    extra_models: dict | None = None) -> dict:
     """Restore a checkpoint written by ``save_checkpoint``; returns the trainer state.
 
     Collective. Build the model (sharded as for training) and the optimizer first, as the
     saving run did; the optimizer may be fresh (never stepped, gradients or not). Another
     world size is fine for the model and optimizer (DCP reshards); the RNG streams are
     then not restored but re-seeded per rank from (step, rank), with a warning.
+    ``extra_models``: name -> module, restored from the ``extra_models`` of the same
+    names given to ``save_checkpoint`` (an error names any the checkpoint lacks).
     """
     from safetensors import safe_open
 
@@ -389,6 +398,15 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler=None) -> di
         model_sd, optim_sd = get_state_dict(model, optimizer)
     unique_sd, aliases = _drop_aliases(model_sd)
     to_load = {"model": unique_sd}
+    missing = sorted(set(extra_models or {}) - set(meta.get("extra_models", [])))
+    if missing:
+        raise ValueError(f"checkpoint {path} holds no {missing} weights (saved by a run "
+                         "without them, e.g. another --teacher); resume with the saving "
+                         "run's settings or start a new run")
+    extra_sd = {}
+    for name, m in (extra_models or {}).items():
+        extra_sd[name] = _drop_aliases(get_model_state_dict(m))
+        to_load[f"extra_{name}"] = extra_sd[name][0]
     if not fresh:
         to_load["optim"], _ = _split_optim(optim_sd)
     try:
@@ -403,6 +421,10 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler=None) -> di
                            ) from e
     for alias, kept in aliases.items():
         unique_sd[alias] = unique_sd[kept]
+    for name, (sd, extra_aliases) in extra_sd.items():
+        for alias, kept in extra_aliases.items():
+            sd[alias] = sd[kept]
+        set_model_state_dict(extra_models[name], sd)
     if fresh:
         set_model_state_dict(model, unique_sd)
         optimizer.state.clear()

@@ -84,6 +84,20 @@ class TrainConfig:
     max_bad_steps: int = 3
     """Stop the run after this many consecutive steps whose loss or gradient norm is NaN/inf
     (each such step skips the optimizer step and is counted in nonfinite_update)."""
+    hint_source: Literal["answer", "cot_prefix", "cot_suffix"] = "answer"
+    """What the teachers' hints are: answer = the gold answer / the wrong rollout's extracted
+    answer; cot_prefix / cot_suffix = the first / last hint_tokens generated tokens of the
+    group's best correct rollout (teacher +; the gold answer when none is correct) and of its
+    wrong-answer rollout (teacher -). See docs/algorithm.md step 2."""
+    hint_tokens: int = 200
+    """Tokens of a rollout used as a chain-of-thought hint (hint_source cot_prefix / cot_suffix)."""
+    teacher: Literal["policy", "initial", "lagged"] = "policy"
+    """Weights that score the teacher contexts: policy = the current policy; initial = the
+    frozen initial model (LoRA: adapters disabled, no copy); lagged = a copy of the policy
+    refreshed every teacher_sync_every steps (saved with the checkpoints)."""
+    teacher_sync_every: int = 10
+    """teacher lagged: copy the policy into the teacher at the start of every step whose
+    0-based index is a multiple of this."""
 
     # --- model -----------------------------------------------------------------------
     model: str = TINY_MODEL
@@ -258,6 +272,21 @@ class TrainConfig:
             bad("vllm_gpu_memory_utilization", "must be in (0, 1)")
         if self.max_bad_steps < 1:
             bad("max_bad_steps", "must be >= 1")
+        if self.hint_source not in ("answer", "cot_prefix", "cot_suffix"):
+            bad("hint_source", f"must be answer, cot_prefix or cot_suffix, got {self.hint_source!r}")
+        if not isinstance(self.hint_tokens, int) or self.hint_tokens < 1:
+            bad("hint_tokens", f"must be an integer >= 1, got {self.hint_tokens!r}")
+        if self.teacher not in ("policy", "initial", "lagged"):
+            bad("teacher", f"must be policy, initial or lagged, got {self.teacher!r}")
+        if not isinstance(self.teacher_sync_every, int) or self.teacher_sync_every < 1:
+            bad("teacher_sync_every", f"must be an integer >= 1, got {self.teacher_sync_every!r}")
+        if self.algo in ("opsd", "sdpo") and self.teacher != "policy":
+            bad("teacher", f"{self.teacher!r} is for rlsd / cepo; opsd and sdpo distil from the "
+                           "current policy (their fused loss puts teacher and student through the "
+                           "same LM head): leave teacher at policy")
+        if self.algo in ("opsd", "sdpo", "grpo") and self.hint_source != "answer":
+            bad("hint_source", f"{self.hint_source!r} is for rlsd / cepo (the teachers' hints); "
+                               f"{self.algo} has no such hint: leave hint_source at answer")
         if self.max_prompt_tokens < 0 or self.samples_every < 0 or self.samples_per_step < 0:
             name = ("max_prompt_tokens" if self.max_prompt_tokens < 0 else
                     "samples_every" if self.samples_every < 0 else "samples_per_step")

@@ -123,17 +123,29 @@ def choose_wrong_answers(groups: Sequence[Sequence[Mapping]], strategy: str,
     A None entry (no candidate: all correct, or no wrong rollout has an answer) tells the
     caller to use the RLSD fallback for that group (has_negative False).
     """
+    picked = choose_wrong_rollouts(groups, strategy, rng, gold_answers=gold_answers)
+    return [None if i is None else str(groups[g][i]["answer"]).strip()
+            for g, i in enumerate(picked)]
+
+
+def choose_wrong_rollouts(groups: Sequence[Sequence[Mapping]], strategy: str,
+                          rng: random.Random | torch.Generator | None = None, *,
+                          gold_answers: Sequence[str | None] | None = None) -> list[int | None]:
+    """Per group, the index (in sampling order, within the group) of the rejected rollout
+    whose answer ``choose_wrong_answers`` returns, or None: same candidates, strategies
+    and random draws. A chain-of-thought hint (``cepo.hints``) takes that rollout's tokens.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"wrong_answer_strategy must be one of {STRATEGIES}, got {strategy!r}")
     if gold_answers is not None and len(gold_answers) != len(groups):
         raise ValueError(f"choose_wrong_answers: {len(gold_answers)} gold_answers for "
                          f"{len(groups)} groups")
-    chosen: list[str | None] = []
+    chosen: list[int | None] = []
     for g, group in enumerate(groups):
         gold = None
         if gold_answers is not None and gold_answers[g] is not None:
             gold = normalise_answer(str(gold_answers[g]))
-        candidates = []
+        candidates = []  # (answer, reward, index in the group)
         for i, r in enumerate(group):
             try:
                 answer, correct, reward = r["answer"], r["correct"], r["reward"]
@@ -144,17 +156,17 @@ def choose_wrong_answers(groups: Sequence[Sequence[Mapping]], strategy: str,
                 continue
             if gold is not None and normalise_answer(str(answer)) == gold:
                 continue
-            candidates.append((str(answer).strip(), float(reward)))
+            candidates.append((str(answer).strip(), float(reward), i))
         if not candidates:
             chosen.append(None)
         elif strategy == "worst":
-            chosen.append(min(candidates, key=lambda c: c[1])[0])  # min keeps the first of ties
+            chosen.append(min(candidates, key=lambda c: c[1])[2])  # min keeps the first of ties
         elif strategy == "most_frequent":
-            counts = Counter(normalise_answer(a) for a, _ in candidates)
+            counts = Counter(normalise_answer(a) for a, _, _ in candidates)
             best = max(counts.values())
-            chosen.append(next(a for a, _ in candidates if counts[normalise_answer(a)] == best))
+            chosen.append(next(i for a, _, i in candidates if counts[normalise_answer(a)] == best))
         else:
-            chosen.append(_pick(candidates, rng)[0])
+            chosen.append(_pick(candidates, rng)[2])
     return chosen
 
 

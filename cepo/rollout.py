@@ -11,12 +11,12 @@ from __future__ import annotations
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from cepo.algorithms import group_advantages
-from cepo.contexts import choose_wrong_answers
+from cepo.contexts import choose_wrong_rollouts
 from cepo.data import Example
 from cepo.sampler import SamplingParams
 
@@ -48,6 +48,8 @@ class Groups:
     wrong_answers: list[str | None]  # per group: the wrong-answer hint, or None (RLSD fallback)
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
+    wrong_rollouts: list[int | None] = field(default_factory=list)
+    # per group: the index (within the group) of the rollout wrong_answers[g] came from
 
 
 def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: list[int], *,
@@ -95,16 +97,20 @@ def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: l
         for r, a in zip(rollouts, adv):
             r.advantage = a
     wrong: list[str | None] = [None] * len(examples)
+    wrong_index: list[int | None] = [None] * len(examples)
     if find_wrong_answers and examples:
         refused = ("too_long", "too_complex")  # refused junk never becomes a hint
         per_group = [[{"answer": r.extracted if r.status not in refused else None,
                        "reward": r.reward, "correct": r.correct}
                       for r in rollouts[g * group_size:(g + 1) * group_size]]
                      for g in range(len(examples))]
-        wrong = [choose_wrong_answers([group], wrong_answer_strategy, random.Random(seed),
-                                      gold_answers=[ex.answer])[0]
-                 for group, seed, ex in zip(per_group, seeds, examples)]
-    return Groups(examples, rollouts, wrong, generate_seconds=t1 - t0, score_seconds=t2 - t1)
+        wrong_index = [choose_wrong_rollouts([group], wrong_answer_strategy, random.Random(seed),
+                                             gold_answers=[ex.answer])[0]
+                       for group, seed, ex in zip(per_group, seeds, examples)]
+        wrong = [None if i is None else str(group[i]["answer"]).strip()
+                 for group, i in zip(per_group, wrong_index)]
+    return Groups(examples, rollouts, wrong, generate_seconds=t1 - t0, score_seconds=t2 - t1,
+                  wrong_rollouts=wrong_index)
 
 
 @dataclass
@@ -123,19 +129,23 @@ class TrainItem:
 
 
 def train_items(groups: Groups, *, build_contexts, with_teachers: bool,
-                algo: str) -> list[TrainItem]:
+                algo: str, hints: tuple[list[str], list[str | None]] | None = None
+                ) -> list[TrainItem]:
     """The rollouts with A != 0 and a non-empty response; the rest carry no gradient and
     skip every later pass (teacher contexts included).
 
     build_contexts(prompts, answers, wrong_answers) -> (policy, pos, neg) token ids per
     group (``cepo.contexts.build_contexts`` with the run's prompt format bound).
+    hints: (correct-teacher hints, wrong-teacher hints) per group (``cepo.hints``); None:
+    the gold answers and ``groups.wrong_answers``.
     """
     keep = [r for r in groups.rollouts if r.advantage != 0.0 and r.response_ids]
     pos = neg = None
     if with_teachers and keep:
-        wrong = groups.wrong_answers if algo == "cepo" else [None] * len(groups.examples)
-        _, pos, neg = build_contexts([e.prompt for e in groups.examples],
-                                     [e.answer for e in groups.examples], wrong)
+        pos_hints, neg_hints = (hints if hints is not None else
+                                ([e.answer for e in groups.examples], groups.wrong_answers))
+        wrong = neg_hints if algo == "cepo" else [None] * len(groups.examples)
+        _, pos, neg = build_contexts([e.prompt for e in groups.examples], pos_hints, wrong)
     return [TrainItem(r.prompt_ids, pos[r.group] if pos else None, neg[r.group] if neg else None,
                       r.response_ids, r.advantage, r.correct, r.sampler_logprobs)
             for r in keep]

@@ -141,7 +141,7 @@ class unsharded:
 def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Responses,
              advantages: torch.Tensor, has_negative: torch.Tensor, *, lam: float, eps_w: float,
              temperature: float, token_budget: int, pad_id: int,
-             device: torch.device) -> ck.Evidence:
+             device: torch.device, teacher=None) -> ck.Evidence:
     """docs/algorithm.md steps 2-5: one packed no-grad pass over the contexts the step
     needs, then one contrastive_evidence call.
 
@@ -150,7 +150,14 @@ def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Res
     context unless the caller wants ``lp_policy`` for it (old log-probs for several
     mini-batches); one without needs no "neg". Rows not computed are 0 in the hidden
     states, so ``lp_policy`` / ``lp_neg`` there are meaningless and unused.
+    teacher: the model that scores "pos" and "neg" (``cepo.teacher``; None: the policy,
+    one pass); "policy" is always scored by the policy.
     """
+    if teacher is not None and teacher is not policy:
+        return _evidence_with_teacher(
+            policy, teacher, contexts, responses, advantages, has_negative, lam=lam,
+            eps_w=eps_w, temperature=temperature, token_budget=token_budget, pad_id=pad_id,
+            device=device)
     h = context_hidden_states(policy, contexts, responses, token_budget=token_budget,
                               pad_id=pad_id, device=device)
     with unsharded(policy), torch.no_grad():
@@ -160,6 +167,37 @@ def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Res
                                        responses.targets.to(device), advantages.to(device),
                                        has_negative.to(device), lam=lam, eps_w=eps_w,
                                        temperature=temperature)
+
+
+def _head_logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float):
+    with unsharded(model), torch.no_grad():
+        weight = model.head_weight()
+        return ck.fused_logprobs(h.to(weight.dtype), weight, targets,
+                                 temperature=temperature).logprobs.float()
+
+
+def _evidence_with_teacher(policy, teacher, contexts, responses: Responses,
+                           advantages: torch.Tensor, has_negative: torch.Tensor, *, lam: float,
+                           eps_w: float, temperature: float, token_budget: int, pad_id: int,
+                           device: torch.device) -> ck.Evidence:
+    """``evidence`` with the teacher contexts on other weights: one packed pass of the
+    teacher over "pos" + "neg" and one of the policy over "policy", each through its own
+    LM head, then the same epilogue (steps 3-5) as the contrastive_evidence kernel."""
+    from cepo_kernels._math import evidence_epilogue
+
+    kw = dict(token_budget=token_budget, pad_id=pad_id, device=device)
+    h_t = context_hidden_states(teacher, {"pos": contexts["pos"], "neg": contexts["neg"]},
+                                responses, **kw)
+    h_p = context_hidden_states(policy, {"policy": contexts["policy"]}, responses, **kw)
+    targets = responses.targets.to(device)
+    lp_pos = _head_logprobs(teacher, h_t["pos"], targets, temperature)
+    lp_neg = _head_logprobs(teacher, h_t["neg"], targets, temperature)
+    lp_pol = _head_logprobs(policy, h_p["policy"], targets, temperature)
+    with torch.no_grad():
+        delta, token_adv, clipped = evidence_epilogue(
+            lp_pol, lp_pos, lp_neg, advantages.to(device), has_negative.to(device),
+            targets != ck.IGNORE_INDEX, lam=lam, eps_w=eps_w)
+    return ck.Evidence(lp_pol, lp_pos, lp_neg, delta, token_adv, clipped)
 
 
 @torch.no_grad()

@@ -37,6 +37,8 @@ from cepo.sampler import SamplingParams
 from cepo.self_distill import distill_items
 from cepo.step import (DistillSpec, Responses, context_hidden_states, evidence, policy_logprobs,
                        ppo_update)
+from cepo.hints import teacher_hints
+from cepo.teacher import build_teacher
 from cepo.step_metrics import REDUCTIONS, STATUS_PREFIX, TIME_PREFIX, StepMetrics
 
 log = logging.getLogger("cepo")
@@ -68,6 +70,7 @@ class Run:
     eval_samples: SampleWriter
     reference: torch.nn.Module | None = None
     verifier_statuses: tuple[str, ...] = ()
+    teacher: object | None = None    # cepo.teacher.Teacher (None: the policy scores teachers)
     watch: LauncherWatch = field(default_factory=LauncherWatch)
     bad_steps: int = 0               # consecutive steps with a non-finite loss / grad norm
 
@@ -147,7 +150,8 @@ def score_evidence(run: Run, items: list[TrainItem], resp: Responses, lam: float
                   per_token([it.neg_ids is not None for it in items], lengths, torch.bool),
                   lam=lam, eps_w=cfg.eps_w, temperature=cfg.temperature,
                   token_budget=cfg.token_budget, pad_id=run.tokenizer.pad_token_id,
-                  device=run.info.device)
+                  device=run.info.device,
+                  teacher=run.teacher.model if run.teacher is not None else None)
     d = ev.delta.abs().float().cpu()
     correct = per_token([it.correct for it in items], lengths, torch.bool)
     if correct.any():
@@ -277,6 +281,8 @@ def train_step(run: Run, step: int) -> dict:
     lam = lambda_at(step, algo=cfg.algo, lam0=cfg.lam0, t_warm=cfg.t_warm,
                     schedule=cfg.lam_schedule)
     m.add("lambda", lam)
+    if run.teacher is not None:
+        run.teacher.at_step(step)  # a lagged teacher is refreshed when step % k == 0
 
     # sample -> score -> advantages (and the wrong-answer hints)
     groups = sample_and_score(run, step, m)
@@ -293,8 +299,13 @@ def train_step(run: Run, step: int) -> dict:
             taught = sum(it.teacher_ids is not None for it in local_items)
             m.add("distilled_frac", taught / len(groups.rollouts), weight=len(groups.rollouts))
     else:
+        hints = None
+        if use_teachers and cfg.hint_source != "answer":
+            hints = teacher_hints(groups, source=cfg.hint_source, k=cfg.hint_tokens,
+                                  decode=lambda ids: run.tokenizer.decode(
+                                      ids, skip_special_tokens=True))
         local_items = train_items(groups, build_contexts=run.contexts,
-                                  with_teachers=use_teachers, algo=cfg.algo)
+                                  with_teachers=use_teachers, algo=cfg.algo, hints=hints)
     items = balance_items(local_items, info.rank, info.world_size)
     resp = Responses.of([it.response_ids for it in items])
     lengths = torch.tensor([len(it.response_ids) for it in items], dtype=torch.long)
@@ -468,6 +479,11 @@ def setup(cfg: TrainConfig, info, out: Path) -> tuple[Run, dict]:
         warn_about_settings(cfg)
     policy = build_policy(cfg, info.device)
     optimizer, scheduler = build_optimizer(cfg, policy)
+    reference = teacher = saved = None
+    if cfg.teacher != "policy" and cfg.algo != "grpo":  # built before a resume restores it
+        reference = build_reference(cfg, info.device) if cfg.kl_coef > 0 else None
+        teacher = build_teacher(cfg, policy, info.device, reference=reference)
+        saved = {"teacher": teacher.saved} if teacher.saved is not None else None
     # the sampler before any RNG state is restored: an engine may reseed the global RNGs
     sampler = build_sampler(cfg, tokenizer, info)
     state: dict = {}
@@ -476,7 +492,8 @@ def setup(cfg: TrainConfig, info, out: Path) -> tuple[Run, dict]:
         if latest is None:
             raise ValueError(f"config: 'resume' is true but {out / 'checkpoints'} holds no "
                              "complete checkpoint")
-        state = load_checkpoint(latest, model=policy, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(latest, model=policy, optimizer=optimizer, scheduler=scheduler,
+                                extra_models=saved)
         log.info("resumed from %s at step %d", latest, int(state["step"]))
     sync_sampler(policy, sampler)
     verifier = Verifier(timeout_s=cfg.verifier_timeout, num_workers=cfg.verifier_workers,
@@ -496,8 +513,9 @@ def setup(cfg: TrainConfig, info, out: Path) -> tuple[Run, dict]:
               verifier=verifier, train=train, evals=evals, optimizer=optimizer,
               scheduler=scheduler, metrics_log=metrics_log, samples=writers[0],
               eval_samples=writers[1],
-              reference=build_reference(cfg, info.device) if cfg.kl_coef > 0 else None,
-              verifier_statuses=tuple(STATUSES))
+              reference=(reference if reference is not None or cfg.kl_coef <= 0
+                         else build_reference(cfg, info.device)),
+              verifier_statuses=tuple(STATUSES), teacher=teacher)
     return run, state
 
 
@@ -539,7 +557,10 @@ def train_loop(run: Run, start_step: int, acc_before) -> None:
                                 trainer_state={"step": done, "lambda": metrics["lambda"],
                                                "data_position": done * cfg.prompts_per_step,
                                                "accuracy_before": acc_before},
-                                keep_last=cfg.keep_checkpoints)
+                                keep_last=cfg.keep_checkpoints,
+                                extra_models=({"teacher": run.teacher.saved}
+                                              if run.teacher is not None
+                                              and run.teacher.saved is not None else None))
     finally:
         if progress is not None:
             progress.close()

@@ -44,7 +44,7 @@ class ScriptedSampler:
     def __init__(self, script):
         self.script = script
 
-    def generate(self, prompt_token_ids, n, params, seeds=None):
+    def generate(self, prompt_token_ids, n, params, seeds=None, on_prompt_done=None):
         return [[self.script[p][j] for j in range(n)] for p in range(len(prompt_token_ids))]
 
 

@@ -1,45 +1,14 @@
 """sample_groups: one sampler call per step with per-prompt seeds, the emitted stop token
 trained, group advantages, and wrong-answer hints from the verifier's own extraction."""
 
-from dataclasses import dataclass
-
 import pytest
+from scripted_rollouts import ScriptedSampler, ScriptedVerifier
 
 from cepo.data import Example
 from cepo.rollout import sample_groups
 from cepo.sampler import SamplingParams
 from cepo.sampler.base import Completion
-
-
-class RecordingSampler:
-    """Returns scripted completions; records every generate call."""
-
-    def __init__(self, script):
-        self.script, self.calls = script, []
-
-    def generate(self, prompt_token_ids, n, params, seeds=None, on_prompt_done=None):
-        self.calls.append((prompt_token_ids, n, seeds))
-        out = [[self.script[p][j] for j in range(n)] for p in range(len(prompt_token_ids))]
-        if on_prompt_done is not None:  # reports the odd prompts only: the caller scores the rest
-            for p in range(1, len(out), 2):
-                on_prompt_done(p, out[p])
-        return out
-
-
-@dataclass
-class FakeScore:
-    reward: float
-    correct: bool
-    status: str
-    extracted: str | None
-
-
-class FakeVerifier:
-    def __init__(self, verdicts):
-        self.verdicts = verdicts
-
-    def score(self, texts, answers):
-        return [FakeScore(*self.verdicts[t]) for t in texts]
+from cepo.verifier import Score
 
 
 def completion(text, ids, stop=None):
@@ -57,9 +26,9 @@ def test_one_call_stop_tokens_advantages_and_hints():
                 "eleven": (0.0, False, "wrong", "11"),
                 "gold-but-late": (0.0, False, "timeout", "12"),  # right answer, scored 0
                 "a": (1.0, True, "ok", "3")}
-    sampler = RecordingSampler(script)
+    sampler = ScriptedSampler(script)
     groups = sample_groups([Example("p0", "12", "s"), Example("p1", "3", "s")], [[1, 2], [1, 3]],
-                           [101, 202], sampler=sampler, verifier=FakeVerifier(verdicts),
+                           [101, 202], sampler=sampler, verifier=ScriptedVerifier(verdicts),
                            group_size=4, params=SamplingParams(max_new_tokens=3),
                            std_normalize=True, wrong_answer_strategy="worst",
                            find_wrong_answers=True)
@@ -75,8 +44,8 @@ def test_one_call_stop_tokens_advantages_and_hints():
 
 @pytest.mark.parametrize("find", [False, True])
 def test_no_prompts_no_call(find):
-    sampler = RecordingSampler([])
-    groups = sample_groups([], [], [], sampler=sampler, verifier=FakeVerifier({}), group_size=2,
+    sampler = ScriptedSampler([])
+    groups = sample_groups([], [], [], sampler=sampler, verifier=ScriptedVerifier({}), group_size=2,
                            params=SamplingParams(), std_normalize=True,
                            wrong_answer_strategy="worst", find_wrong_answers=find)
     assert sampler.calls == [] and groups.rollouts == [] and groups.wrong_answers == []
@@ -107,7 +76,7 @@ def test_scoring_overlaps_generation_and_keeps_group_order():
         def score(self, batch, answers):
             self.calls.append((list(batch), list(answers)))
             started.set()
-            return [FakeScore(1.0 if t.endswith("-0") else 0.0, t.endswith("-0"), "ok", t)
+            return [Score(1.0 if t.endswith("-0") else 0.0, t.endswith("-0"), "ok", t)
                     for t in batch]
 
     verifier = Verifier()

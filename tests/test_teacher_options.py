@@ -6,13 +6,15 @@ and the errors bad values give."""
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-
 import train_cli
+from launch import TESTS, torchrun
+from scripted_rollouts import ScriptedSampler, ScriptedVerifier
+from tiny_lm import make_tiny_model_dir
+
 from cepo.config import TrainConfig, parse_config
 from cepo.contexts import choose_wrong_answers, choose_wrong_rollouts
 from cepo.data import Example
@@ -24,37 +26,11 @@ from cepo.sampler import SamplingParams
 from cepo.sampler.base import Completion
 from cepo.step import Responses, context_hidden_states, evidence
 from cepo.teacher import AdaptersDisabled, Teacher, copy_parameters
-from launch import TESTS, torchrun
-from tiny_lm import make_tiny_model_dir
 
 STOP = 1  # the tiny tokenizer's <eos>
 
 
 # ----------------------------------------------------------------------------- (a) hints
-
-@dataclass
-class FakeScore:
-    reward: float
-    correct: bool
-    status: str
-    extracted: str | None
-
-
-class ScriptedSampler:
-    def __init__(self, script):
-        self.script = script
-
-    def generate(self, prompt_token_ids, n, params, seeds=None, on_prompt_done=None):
-        return [[self.script[p][j] for j in range(n)] for p in range(len(prompt_token_ids))]
-
-
-class ScriptedVerifier:
-    def __init__(self, verdicts):
-        self.verdicts = verdicts
-
-    def score(self, texts, answers):
-        return [FakeScore(*self.verdicts[t]) for t in texts]
-
 
 def _completion(text, ids, stopped=True):
     return Completion(0, ids, text, "stop" if stopped else "length",
@@ -164,8 +140,9 @@ def test_wrong_rollouts_match_wrong_answers_for_every_strategy():
 def test_cot_hints_reach_the_teacher_contexts():
     import tempfile
 
-    from cepo.contexts import build_contexts
     from tiny_lm import make_tokenizer
+
+    from cepo.contexts import build_contexts
 
     tok = make_tokenizer(Path(tempfile.mkdtemp()))
     groups = _groups()

@@ -76,7 +76,7 @@ class TrainConfig:
                           "\n\nNow solve the problem yourself, step by step, reaching the same "
                           "final answer.")
     """opsd: the teacher's user message; {solution} is the dataset's solution_field when the
-    row has one, else its answer."""
+    row has one, else its answer; {answer} (instead of {solution}) is always the answer."""
     sdpo_template: str = ("{prompt}\nCorrect solution:\n\n{demonstration}\n\n"
                           "Correctly solve the original question.")
     """sdpo: the teacher's user message (the SDPO reference's reprompt layout); {demonstration}
@@ -315,16 +315,17 @@ class TrainConfig:
             bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.algo in ("opsd", "sdpo") and self.distill_coef == 0 and self.distill_pg_coef == 0:
             bad("distill_coef", "and distill_pg_coef are both 0: nothing would be trained")
-        for name, fields in (("opsd_template", ("prompt", "solution")),
-                             ("sdpo_template", ("prompt", "demonstration"))):
+        for name, fields, needed in (
+                ("opsd_template", ("prompt", "solution", "answer"), ("{solution}", "{answer}")),
+                ("sdpo_template", ("prompt", "demonstration"), ("{demonstration}",))):
             template = getattr(self, name)
             try:
                 template.format(**{f: "" for f in fields})
             except (KeyError, IndexError, ValueError) as e:
                 bad(name, f"must be a str.format template with only the fields {fields} "
                           f"(write literal braces as {{{{ }}}}): {e!r}")
-            if any("{" + f + "}" not in template for f in fields):
-                bad(name, f"must contain {' and '.join('{' + f + '}' for f in fields)}")
+            if "{prompt}" not in template or not any(f in template for f in needed):
+                bad(name, f"must contain {{prompt}} and {' or '.join(needed)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

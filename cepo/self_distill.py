@@ -6,8 +6,8 @@ information (the teacher, no gradient); the loss is a divergence between the two
 next-token distributions at every response position (docs/algorithm.md, "OPSD and SDPO").
 
 - OPSD (Zhao et al., arXiv 2601.18734): the privileged information is the problem's
-  reference solution, or its final answer when the data has no solution. Every rollout
-  is distilled, whatever its reward.
+  reference solution, or its final answer when the data has no solution (a template may
+  also ask for the answer alone). Every rollout is distilled, whatever its reward.
 - SDPO (Hübotter et al., arXiv 2601.20802), scalar-reward setting: the feedback for a
   rollout is a *successful* rollout of the same group (the first one in sampling order
   that is not the rollout itself). A rollout without one (a group with no success, or
@@ -32,8 +32,10 @@ def privileged_solution(example: Example) -> str:
 
 
 def opsd_teacher_message(example: Example, template: str) -> str:
-    """The OPSD teacher's user message: ``template`` with {prompt} and {solution}."""
-    return template.format(prompt=example.prompt, solution=privileged_solution(example))
+    """The OPSD teacher's user message: ``template`` with {prompt}, {solution} (the
+    reference solution, or the answer where the row has none) and {answer} (the answer)."""
+    return template.format(prompt=example.prompt, solution=privileged_solution(example),
+                           answer=example.answer)
 
 
 def strip_thinking(text: str) -> str:

@@ -41,7 +41,7 @@ SDPO = "{prompt}\nCorrect solution:\n\n{demonstration}\n\nCorrectly solve the or
 # ----------------------------------------------------------------------------- contexts
 
 def test_defaults_are_the_templates_documented_here():
-    cfg = parse_config([])
+    cfg = parse_config(["--model", TINY_MODEL])  # the options' own defaults
     assert cfg.opsd_template == OPSD and cfg.sdpo_template == SDPO
     assert (cfg.distill_divergence, cfg.distill_beta, cfg.distill_coef, cfg.distill_pg_coef,
             cfg.loss_agg, cfg.clip_dual) == ("jsd", 0.5, 1.0, 0.0, "token", None)
@@ -58,6 +58,16 @@ def test_opsd_teacher_with_a_solution():
     ex = Example("(7+5)*3-4", "32", "hand", "7+5=12\n12*3=36\n36-4=32\n\\boxed{32}")
     assert opsd_teacher_message(ex, "{prompt} | {solution}") == (
         "(7+5)*3-4 | 7+5=12\n12*3=36\n36-4=32\n\\boxed{32}")
+    # {answer}: the answer alone even where a solution exists (the shipped model's hint)
+    assert opsd_teacher_message(ex, "{prompt}\n\n{answer}") == "(7+5)*3-4\n\n32"
+
+
+def test_the_embedded_default_uses_the_hint_format_the_shipped_model_knows():
+    cfg = parse_config(["--algo", "opsd"])  # no --model: cepo/configs/tiny-arith.yaml
+    ex = Example("2+2", "4", "h", "2+2=4\n\\boxed{4}")
+    assert opsd_teacher_message(ex, cfg.opsd_template) == "2+2\n\n4"
+    assert sdpo_teacher_message(ex, "2+2=4", parse_config(["--algo", "sdpo"]).sdpo_template) \
+        == "2+2\n\n2+2=4"
 
 
 def test_the_builtin_task_and_files_carry_the_solution(tmp_path):
@@ -311,6 +321,7 @@ def test_clip_dual_bounds_negative_advantage_tokens(model_dir):
     (["--algo", "sdpo", "--distill_coef", "0"], "distill_coef"),
     (["--clip_dual", "0.5"], "clip_dual"), (["--loss_agg", "sum"], "loss_agg"),
     (["--opsd_template", "{prompt} only"], "opsd_template"),
+    (["--opsd_template", "{answer} {solution}"], "opsd_template"),
     (["--sdpo_template", "{prompt} {x} {demonstration}"], "sdpo_template")])
 def test_bad_values_name_the_option(args, name, capsys):
     with pytest.raises((ValueError, SystemExit)) as err:

@@ -71,7 +71,10 @@ def test_dry_run_end_to_end(gpu_check, tmp_path):
     assert report["meta"]["dry_run"] and report["compile"][0]["status"] == "skipped"
     corr = report["correctness"]
     assert corr and all(r["status"] == "ok" for r in corr)
-    assert {r["op"] for r in corr} == {"logprobs", "evidence", "ppo_loss"}
+    assert {r["op"] for r in corr} == {"logprobs", "evidence", "ppo_loss", "ppo_loss_dual_weighted",
+                                       "self_distill"}
+    assert {r["divergence"] for r in corr if r["op"] == "self_distill"} == {
+        "jsd", "forward_kl", "reverse_kl"}
     timed = {(r["op"], r["contender"]): r for r in report["timing"]}
     assert timed[("ppo_loss", "ours")]["status"] == "ok" and timed[("ppo_loss", "ours")]["time_ms"] > 0
     assert timed[("evidence", "floor")]["status"] == "ok"

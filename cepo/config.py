@@ -81,6 +81,9 @@ class TrainConfig:
                           "Correctly solve the original question.")
     """sdpo: the teacher's user message (the SDPO reference's reprompt layout); {demonstration}
     is a successful rollout of the same group."""
+    sdpo_failed_only: bool = False
+    """sdpo: distil only the failed rollouts (false: also a success that has another success
+    in its group to learn from, as the SDPO reference code does)."""
     max_bad_steps: int = 3
     """Stop the run after this many consecutive steps whose loss or gradient norm is NaN/inf
     (each such step skips the optimizer step and is counted in nonfinite_update)."""

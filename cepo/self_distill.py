@@ -43,16 +43,19 @@ def strip_thinking(text: str) -> str:
     return THINKING.sub("", text)
 
 
-def choose_demonstrations(correct: Sequence[bool]) -> list[int | None]:
+def choose_demonstrations(correct: Sequence[bool], *,
+                          failed_only: bool = False) -> list[int | None]:
     """SDPO: per rollout of ONE group (sampling order), the index of the rollout whose text
     is its demonstration, or None.
 
     The demonstration is the first successful rollout of the group other than the rollout
     itself, so a failed rollout learns from a success, a success learns from another
     success, and the only success of a group, like every rollout of a group without one,
-    gets None (not distilled)."""
+    gets None (not distilled). ``failed_only``: successes get None too (only the failed
+    rollouts are distilled)."""
     successes = [j for j, ok in enumerate(correct) if ok]
-    return [next((j for j in successes if j != i), None) for i in range(len(correct))]
+    return [None if failed_only and correct[i] else next((j for j in successes if j != i), None)
+            for i in range(len(correct))]
 
 
 def sdpo_teacher_message(example: Example, demonstration: str, template: str) -> str:
@@ -61,7 +64,7 @@ def sdpo_teacher_message(example: Example, demonstration: str, template: str) ->
 
 
 def teacher_messages(groups: Groups, algo: str, *, group_size: int, opsd_template: str,
-                     sdpo_template: str) -> list[str | None]:
+                     sdpo_template: str, sdpo_failed_only: bool = False) -> list[str | None]:
     """One teacher user message per rollout of ``groups`` (group-major), or None where that
     rollout is not distilled."""
     if algo == "opsd":
@@ -72,15 +75,16 @@ def teacher_messages(groups: Groups, algo: str, *, group_size: int, opsd_templat
     out: list[str | None] = []
     for g, example in enumerate(groups.examples):
         group = groups.rollouts[g * group_size:(g + 1) * group_size]
-        for demo in choose_demonstrations([r.correct for r in group]):
+        for demo in choose_demonstrations([r.correct for r in group],
+                                          failed_only=sdpo_failed_only):
             out.append(None if demo is None else
                        sdpo_teacher_message(example, group[demo].text, sdpo_template))
     return out
 
 
 def distill_items(groups: Groups, *, algo: str, group_size: int, render: Callable[[str], list[int]],
-                  opsd_template: str, sdpo_template: str,
-                  with_policy_gradient: bool) -> list[TrainItem]:
+                  opsd_template: str, sdpo_template: str, with_policy_gradient: bool,
+                  sdpo_failed_only: bool = False) -> list[TrainItem]:
     """The rollouts an OPSD / SDPO step trains on, each with its teacher context
     (``TrainItem.teacher_ids``: the rendered teacher message, None when not distilled).
 
@@ -90,7 +94,7 @@ def distill_items(groups: Groups, *, algo: str, group_size: int, render: Callabl
     the run's system prompt and chat template), exactly as the student's prompt is rendered.
     """
     messages = teacher_messages(groups, algo, group_size=group_size, opsd_template=opsd_template,
-                                sdpo_template=sdpo_template)
+                                sdpo_template=sdpo_template, sdpo_failed_only=sdpo_failed_only)
     items = []
     for r, message in zip(groups.rollouts, messages):
         if not r.response_ids:

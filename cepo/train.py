@@ -294,7 +294,8 @@ def train_step(run: Run, step: int) -> dict:
         local_items = distill_items(groups, algo=cfg.algo, group_size=cfg.group_size,
                                     render=run.render, opsd_template=cfg.opsd_template,
                                     sdpo_template=cfg.sdpo_template,
-                                    with_policy_gradient=cfg.distill_pg_coef > 0)
+                                    with_policy_gradient=cfg.distill_pg_coef > 0,
+                                    sdpo_failed_only=cfg.sdpo_failed_only)
         if groups.rollouts:  # the share of sampled rollouts that got a self-teacher
             taught = sum(it.teacher_ids is not None for it in local_items)
             m.add("distilled_frac", taught / len(groups.rollouts), weight=len(groups.rollouts))

@@ -88,6 +88,8 @@ def test_sdpo_demonstration_choice():
     assert choose_demonstrations([True, False, False]) == [None, 0, 0]
     assert choose_demonstrations([True, True]) == [1, 0]
     assert choose_demonstrations([False, False, False]) == [None, None, None]  # no success
+    assert choose_demonstrations([False, True, False, True], failed_only=True) == [
+        1, None, 1, None]
 
 
 def test_sdpo_teacher_message_drops_thinking():
@@ -332,9 +334,11 @@ def test_bad_values_name_the_option(args, name, capsys):
 
 def test_good_values_parse():
     cfg = parse_config(["--algo", "opsd", "--distill_divergence", "reverse_kl", "--distill_beta",
-                        "1", "--distill_pg_coef", "0.5", "--clip_dual", "3", "--loss_agg", "seq"])
+                        "1", "--distill_pg_coef", "0.5", "--clip_dual", "3", "--loss_agg", "seq",
+                        "--sdpo_failed_only", "true"])
     assert (cfg.algo, cfg.distill_divergence, cfg.distill_beta, cfg.distill_pg_coef,
-            cfg.clip_dual, cfg.loss_agg) == ("opsd", "reverse_kl", 1.0, 0.5, 3.0, "seq")
+            cfg.clip_dual, cfg.loss_agg, cfg.sdpo_failed_only) == (
+        "opsd", "reverse_kl", 1.0, 0.5, 3.0, "seq", True)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -38,9 +38,14 @@ def _builtin(split: str, n: int, seed: int) -> list[Example]:
 
 def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples: the built-in task's splits, or user files / datasets."""
+    from cepo.vision import is_vl_checkpoint
+
+    images = (dict(image_field=cfg.image_field, max_pixels=cfg.max_pixels)
+              if is_vl_checkpoint(cfg.model) else {})
+
     def load(path):
         return load_examples(path, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
-                             on_bad_row=cfg.on_bad_row)
+                             on_bad_row=cfg.on_bad_row, **images)
 
     if cfg.train_data == BUILTIN_TASK:
         train = _builtin("train", cfg.num_train, cfg.seed)
@@ -107,6 +112,9 @@ def build_policy(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
     bf16 = compute_bf16(cfg, device)
     attn = attention_for(cfg, device)
     lm = load_causal_lm(cfg.model, dtype=torch.float32, attn_implementation=attn)
+    from cepo.vision import is_vl_model, vision_tower
+    if is_vl_model(lm) and not cfg.train_vision:
+        vision_tower(lm).requires_grad_(False)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
@@ -127,6 +135,19 @@ def build_reference(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
     ref.to(device)
     shard(ref, device, bf16=compute_bf16(cfg, device), cpu_offload=cfg.cpu_offload)
     return ref
+
+
+def build_image_preparer(cfg: TrainConfig, tokenizer):
+    """The image processor of a vision-language checkpoint (None for a text model), with
+    the tokenizer checked to spell the model's vision tokens."""
+    from cepo.vision import ImagePreparer, check_vision_tokens, is_vl_checkpoint
+
+    if not is_vl_checkpoint(cfg.model):
+        return None
+    from transformers import AutoConfig
+
+    check_vision_tokens(tokenizer, AutoConfig.from_pretrained(cfg.model, local_files_only=True))
+    return ImagePreparer(cfg.model, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
 
 
 def build_sampler(cfg: TrainConfig, tokenizer, info):

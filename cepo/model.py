@@ -23,11 +23,15 @@ def check_supported(config, model: nn.Module | None = None) -> None:
     config: a transformers PretrainedConfig. model (optional): the loaded causal LM, to
     also check that its LM head has no bias (not visible in the config alone).
     """
+    from cepo.vision import VL_MODEL_TYPES
+
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type in VL_MODEL_TYPES:  # the head reads the language model's hidden states
+        config = config.text_config
+    elif model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model: model_type {model_type!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (others need a check that their "
-                         "logits are exactly hidden @ lm_head.weight.T)")
+                         f"{', '.join(SUPPORTED_MODEL_TYPES + VL_MODEL_TYPES)} (others need a "
+                         "check that their logits are exactly hidden @ lm_head.weight.T)")
     for attr in ("final_logit_softcapping", "attn_logit_softcapping"):
         value = getattr(config, attr, None)
         if value:
@@ -90,12 +94,16 @@ def check_attn_implementation(attn_implementation: str, compute_dtype: torch.dty
 
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32,
                    attn_implementation: str | None = None) -> nn.Module:
-    """Load a local Hugging Face causal LM directory (safetensors only; never the hub).
+    """Load a local Hugging Face causal LM directory (safetensors only; never the hub); a
+    Qwen3-VL / Qwen2.5-VL checkpoint (detected from its config) loads with
+    ``AutoModelForImageTextToText``.
 
     The config is checked (check_supported) before any weight is read, the LM head
     after. Returns the model in eval mode as transformers leaves it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from cepo.vision import VL_MODEL_TYPES
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -111,7 +119,9 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32,
                                 "model.save_pretrained(dir, safe_serialization=True)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = (AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES
+            else AutoModelForCausalLM)
+    model = auto.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
         local_files_only=True)
     check_supported(model.config, model)

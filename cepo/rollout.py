@@ -58,10 +58,13 @@ def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: l
 
     prompt_ids: the rendered prompts (``cepo.contexts.render_prompt``); seeds: one per
     prompt, derived from its global position in the step (``seeds[g]`` also seeds the
-    random wrong-answer choice of group g).
+    random wrong-answer choice of group g). Examples carrying images (``ex.vision``,
+    cepo.vision) send them to the sampler with their prompt (``images=``).
     """
     t0 = time.perf_counter()
-    completions = (sampler.generate(prompt_ids, group_size, params, seeds=seeds)
+    images = [getattr(ex, "vision", None) for ex in examples]
+    extra = {"images": images} if any(im is not None for im in images) else {}
+    completions = (sampler.generate(prompt_ids, group_size, params, seeds=seeds, **extra)
                    if examples else [])
     texts = [c.text for group in completions for c in group]
     answers = [ex.answer for ex in examples for _ in range(group_size)]
@@ -106,6 +109,7 @@ class TrainItem:
     advantage: float
     correct: bool
     sampler_logprobs: list[float] | None = None  # the sampler's, when asked (sync check)
+    vision: object = None         # the prompt's cepo.vision.ImageInputs (multimodal), or None
 
 
 def train_items(groups: Groups, *, build_contexts, with_teachers: bool,
@@ -123,7 +127,8 @@ def train_items(groups: Groups, *, build_contexts, with_teachers: bool,
         _, pos, neg = build_contexts([e.prompt for e in groups.examples],
                                      [e.answer for e in groups.examples], wrong)
     return [TrainItem(r.prompt_ids, pos[r.group] if pos else None, neg[r.group] if neg else None,
-                      r.response_ids, r.advantage, r.correct, r.sampler_logprobs)
+                      r.response_ids, r.advantage, r.correct, r.sampler_logprobs,
+                      getattr(groups.examples[r.group], "vision", None))
             for r in keep]
 
 

@@ -86,28 +86,67 @@ def _padding_turn(pad_id: int, device: torch.device):
     return batch.to(device), index.to(device), targets.to(device)
 
 
+class PassImages:
+    """The images of a pass over a vision-language policy: one ``ImageInputs`` (or None)
+    per rollout, shared by all of the rollout's contexts. When the vision tower is frozen
+    (or the pass has no gradient) the distinct images are encoded ONCE for the whole
+    pass, every rank calling the tower once (``encoded``); a trainable tower runs per
+    micro-batch instead, on that micro-batch's distinct images (``encoded`` None)."""
+
+    def __init__(self, policy, per_rollout: list, *, precompute: bool):
+        self.per_rollout = per_rollout
+        self.encoded = None
+        if precompute:
+            with torch.no_grad():
+                self.encoded = policy(None, None, encode=[im for im in per_rollout
+                                                          if im is not None])
+
+    def kwargs(self, rollouts: list[int]) -> dict:
+        """Keyword arguments of the policy forward for sequences of these rollouts."""
+        return dict(images=[self.per_rollout[r] for r in rollouts], encoded=self.encoded)
+
+    def padding_kwargs(self) -> dict:
+        return dict(images=None, encoded=self.encoded)
+
+
+def _vision_trainable(policy) -> bool:
+    from cepo.vision import vision_tower
+    return any(p.requires_grad for p in vision_tower(policy.base).parameters())
+
+
+def _pass_images(policy, images, *, grad: bool) -> PassImages | None:
+    if images is None:
+        return None
+    return PassImages(policy, images, precompute=not (grad and _vision_trainable(policy)))
+
+
 @torch.no_grad()
 def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
                           responses: Responses, *, token_budget: int, pad_id: int,
-                          device: torch.device) -> dict[str, torch.Tensor]:
+                          device: torch.device, images: list | None = None
+                          ) -> dict[str, torch.Tensor]:
     """[N, H] hidden states predicting each response token, per named context, from ONE
     packed pass over all (context, response) sequences.
 
     contexts: name -> one context (token ids) per rollout, or None where that rollout
     does not need this context (its rows stay 0). Every name gets an [N, H] tensor in
-    canonical order.
+    canonical order. images (vision-language policies): one ``cepo.vision.ImageInputs``
+    (or None) per rollout, the same for every context of the rollout; each distinct
+    image is encoded once for the whole pass (``PassImages``).
     """
     sequences = [Sequence(ctx, i, name) for name, per_rollout in contexts.items()
                  for i, ctx in enumerate(per_rollout) if ctx is not None]
     out: dict[str, torch.Tensor] = {}
-    hdim = policy.base.config.hidden_size
+    hdim = policy.base.config.get_text_config().hidden_size
+    vis = _pass_images(policy, images, grad=False)
     for item in micro_batches(sequences, responses, token_budget, device):
         if item is None:
             batch, index, _ = _padding_turn(pad_id, device)
-            policy(batch, index)
+            policy(batch, index, **(vis.padding_kwargs() if vis else {}))
             continue
         members, batch, index = item
-        h = policy(batch, index)
+        extra = vis.kwargs([sequences[j].rollout for j in members]) if vis else {}
+        h = policy(batch, index, **extra)
         if not out:
             out = {name: h.new_zeros(responses.num_tokens, hdim) for name in contexts}
         start = 0
@@ -141,7 +180,7 @@ class unsharded:
 def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Responses,
              advantages: torch.Tensor, has_negative: torch.Tensor, *, lam: float, eps_w: float,
              temperature: float, token_budget: int, pad_id: int,
-             device: torch.device) -> ck.Evidence:
+             device: torch.device, images: list | None = None) -> ck.Evidence:
     """docs/algorithm.md steps 2-5: one packed no-grad pass over the contexts the step
     needs, then one contrastive_evidence call.
 
@@ -152,7 +191,7 @@ def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Res
     states, so ``lp_policy`` / ``lp_neg`` there are meaningless and unused.
     """
     h = context_hidden_states(policy, contexts, responses, token_budget=token_budget,
-                              pad_id=pad_id, device=device)
+                              pad_id=pad_id, device=device, images=images)
     with unsharded(policy), torch.no_grad():
         weight = policy.head_weight()
         h = {k: v.to(weight.dtype) for k, v in h.items()}
@@ -165,10 +204,11 @@ def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Res
 @torch.no_grad()
 def policy_logprobs(policy, policy_ctx: list[list[int]], responses: Responses, *,
                     temperature: float, token_budget: int, pad_id: int,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, images: list | None = None) -> torch.Tensor:
     """[N] log-probs of the responses under ``policy`` (old log-probs, or a reference)."""
     h = context_hidden_states(policy, {"policy": policy_ctx}, responses,
-                              token_budget=token_budget, pad_id=pad_id, device=device)["policy"]
+                              token_budget=token_budget, pad_id=pad_id, device=device,
+                              images=images)["policy"]
     with unsharded(policy):
         weight = policy.head_weight()
         return ck.fused_logprobs(h.to(weight.dtype), weight, responses.targets.to(device),
@@ -195,12 +235,14 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
                token_advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
                ref_logprobs: torch.Tensor | None, global_tokens: float, world_size: int,
                clip_low: float, clip_high: float, temperature: float, kl_coef: float,
-               token_budget: int, pad_id: int, device: torch.device) -> UpdateResult:
+               token_budget: int, pad_id: int, device: torch.device,
+               images: list | None = None) -> UpdateResult:
     """Forward + backward of the fused PPO loss over the given rollouts (one mini-batch).
 
     The loss of each micro-batch is divided by the global number of tokens of the
     mini-batch (all ranks), so the summed gradient is the token mean over the whole
     mini-batch; FSDP2 averages gradients over ranks, hence the factor world_size.
+    images: as in ``context_hidden_states`` (one per rollout of ``policy_ctx``).
     """
     picked = responses.positions(rollout_indices)
     local = Responses.of([responses.response_ids[i] for i in rollout_indices])
@@ -210,13 +252,15 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     ref = ref_logprobs.to(device)[picked.to(device)] if ref_logprobs is not None else None
     result = UpdateResult(0.0, 0.0, {k: 0.0 for k in UPDATE_STATS},
                           torch.full((responses.num_tokens,), float("nan")))
+    vis = _pass_images(policy, [images[i] for i in rollout_indices] if images is not None
+                       else None, grad=True)
     for item in micro_batches(sequences, local, token_budget, device):
         if item is None:  # zero weight on the one token: loss exactly 0, zero gradients
             batch, index, targets = _padding_turn(pad_id, device)
             none = torch.zeros(1, device=device)
             loss, _ = policy(batch, index, targets, ppo=dict(
                 old_logprobs=None, token_advantages=none, mask=none.bool(), normalizer=1.0,
-                temperature=temperature))
+                temperature=temperature), **(vis.padding_kwargs() if vis else {}))
             (loss * world_size).backward()
             continue
         members, batch, index = item
@@ -227,7 +271,8 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
             mask=torch.ones_like(targets, dtype=torch.bool), clip_low=clip_low,
             clip_high=clip_high, temperature=temperature, normalizer=global_tokens,
             ref_logprobs=ref[pos] if ref is not None else None, kl_coef=kl_coef,
-            return_entropy=True))
+            return_entropy=True), **(vis.kwargs([sequences[j].rollout for j in members])
+                                     if vis else {}))
         (loss * world_size).backward()
         result.logprobs[picked[pos.cpu()]] = stats.logprobs.detach().float().cpu()
         n = float(stats.num_tokens)

@@ -82,10 +82,9 @@ class FusedHeadPolicy(nn.Module):
             if "__dummy__" in encoded and torch.is_grad_enabled():
                 anchor = sum(e.sum() + sum(d.sum() for d in ds)
                              for e, ds in encoded["__dummy__"])
-        hidden = packed_hidden_states(self.base, batch, images, encoded)
-        if anchor is not None:  # zero, but every tower parameter gets its (zero) gradient
-            hidden = hidden + 0.0 * anchor
-        return hidden
+        # anchor: zero, but every tower parameter gets its (zero) gradient, in the order a
+        # real image's backward would give (packed_hidden_states)
+        return packed_hidden_states(self.base, batch, images, encoded, anchor=anchor)
 
 
 def decoder_layers(base: nn.Module) -> list[nn.Module]:

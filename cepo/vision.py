@@ -263,26 +263,41 @@ def encode_images(base: nn.Module, images: list[ImageInputs]) -> Encoded:
     return result
 
 
-def mrope_positions(base: nn.Module, ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
+def image_token_mask(base: nn.Module, ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
+    """[L] bool: the positions of one sequence (``ids`` [L]) that hold its images' tokens:
+    the first sum(token counts) ``<|image_pad|>`` ids. One a policy samples in its
+    response is text (the sampler embeds it as a token, with text positions)."""
+    mask = ids == vl_inner(base).config.image_token_id
+    expected = sum(images.token_counts(vision_tower(base).config.spatial_merge_size)) if images else 0
+    if int(mask.sum()) > expected:
+        mask[mask.nonzero()[expected:, 0]] = False
+    return mask
+
+
+def mrope_positions(base: nn.Module, ids: torch.Tensor, images: ImageInputs | None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """[3, L] multimodal rotary position ids of one sequence (``ids`` [L]), from the
-    model's own ``get_rope_index``; a sequence without images gets 0..L-1 on all three."""
+    model's own ``get_rope_index``; a sequence without images gets 0..L-1 on all three.
+    mask: its image-token positions (``image_token_mask``, computed when not given)."""
     inner = vl_inner(base)
-    image_id = inner.config.image_token_id
-    if images is None or not bool((ids == image_id).any()):
+    mask = image_token_mask(base, ids, images) if mask is None else mask
+    if images is None or not bool(mask.any()):
         return torch.arange(ids.numel(), device=ids.device).expand(3, -1)
-    types = (ids == image_id).int()[None]
-    pos, _ = inner.get_rope_index(ids[None], mm_token_type_ids=types,
+    pos, _ = inner.get_rope_index(ids[None], mm_token_type_ids=mask.int()[None],
                                   image_grid_thw=images.grid_thw.to(ids.device))
     return pos[:, 0]
 
 
 def packed_hidden_states(base: nn.Module, batch, seq_images: list[ImageInputs | None],
-                         encoded: Encoded) -> torch.Tensor:
+                         encoded: Encoded, anchor: torch.Tensor | None = None) -> torch.Tensor:
     """[T, H] final hidden states of one packed row of a VL model (see the module doc).
 
     seq_images: the images of each packed sequence (None: text only), in pack order;
     encoded: their embeddings (``encode_images``), by key. The image embeddings are
-    scattered into the ``<|image_pad|>`` positions sequence by sequence, image by image."""
+    scattered into the ``<|image_pad|>`` positions sequence by sequence, image by image.
+    anchor: a scalar added times 0 to the input embeddings (a dummy image's output), so
+    its backward runs where a real image's would: FSDP2's per-block reduce-scatters then
+    come in the same order on every rank."""
     from cepo.model import packed_attention_kwargs
 
     if len(seq_images) != batch.num_sequences:
@@ -292,12 +307,14 @@ def packed_hidden_states(base: nn.Module, batch, seq_images: list[ImageInputs | 
     lm = inner.language_model
     ids = batch.input_ids
     embeds = lm.get_input_embeddings()(ids)                      # [1, T, H]
-    image_mask = ids[0] == inner.config.image_token_id           # [T]
-    rows, deep_rows, positions = [], None, []
+    if anchor is not None:
+        embeds = embeds + 0.0 * anchor
+    rows, deep_rows, positions, masks = [], None, [], []
     starts = batch.cu_seqlens.tolist()
     for k, images in enumerate(seq_images):
         seq_ids = ids[0, starts[k]:starts[k + 1]]
-        positions.append(mrope_positions(base, seq_ids, images))
+        masks.append(image_token_mask(base, seq_ids, images))
+        positions.append(mrope_positions(base, seq_ids, images, masks[-1]))
         if images is None:
             continue
         for emb, deep in encoded[images.key]:
@@ -306,6 +323,7 @@ def packed_hidden_states(base: nn.Module, batch, seq_images: list[ImageInputs | 
                 deep_rows = deep_rows or [[] for _ in deep]
                 for level, d in enumerate(deep):
                     deep_rows[level].append(d)
+    image_mask = torch.cat(masks)                                # [T]
     n_image_tokens = int(image_mask.sum())
     n_rows = sum(int(r.shape[0]) for r in rows)
     if n_rows != n_image_tokens:

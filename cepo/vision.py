@@ -115,11 +115,15 @@ def check_row_images(prompt: str, images, base_dir: str | None, max_pixels: int)
 class ImageInputs:
     """The processed images of one prompt: ``pixel_values`` [P, D] (the patches of all its
     images, image after image), ``grid_thw`` [n, 3] long (each image's patch grid);
-    ``key`` identifies the prompt (its data source), so equal keys share embeddings."""
+    ``key`` identifies the prompt (its data source), so equal keys share embeddings.
+    ``images``: the images already resized to (w, h) = grid x patch size, which the
+    processor keeps as they are: an engine that runs its own processor (vLLM) gets the
+    very same patches from them."""
 
     key: str
     pixel_values: torch.Tensor
     grid_thw: torch.Tensor
+    images: list | None = None  # the images as RGB PIL, resized to their grids (for vLLM)
 
     @property
     def num_images(self) -> int:
@@ -153,8 +157,15 @@ class ImagePreparer:
         self.min_pixels = min_pixels
 
     def image_inputs(self, key: str, images: list) -> ImageInputs:
+        """The processed images of one prompt (PIL images in, see ImageInputs)."""
+        from PIL import Image
+
         out = self.processor(images=images, return_tensors="pt")
-        return ImageInputs(key, out["pixel_values"].float(), out["image_grid_thw"].long())
+        grid = out["image_grid_thw"].long()
+        patch = int(self.processor.patch_size)
+        resized = [im.resize((int(w) * patch, int(h) * patch), Image.Resampling.BICUBIC)
+                   for im, (_, h, w) in zip(images, grid.tolist())]
+        return ImageInputs(key, out["pixel_values"].float(), grid, resized)
 
     def prepare(self, example, base_dir: str | None = None):
         """``example`` with its images processed (``example.vision``) and each placeholder
@@ -184,6 +195,17 @@ def expand_placeholders(prompt: str, token_counts: list[int]) -> str:
 
 _EXPANDED = re.compile(re.escape(VISION_START) + f"(?:{re.escape(IMAGE_PAD)})*"
                        + re.escape(VISION_END))
+
+
+def collapse_image_tokens(ids: list[int], image_token_id: int) -> list[int]:
+    """Token ids with each run of ``<|image_pad|>`` ids cut to one: the prompt form an
+    engine that expands placeholders itself (vLLM) takes, with the images alongside."""
+    out: list[int] = []
+    for t in ids:
+        if t == image_token_id and out and out[-1] == image_token_id:
+            continue
+        out.append(t)
+    return out
 
 
 def display_prompt(prompt: str) -> str:

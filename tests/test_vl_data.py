@@ -102,3 +102,38 @@ def test_text_rows_unchanged_without_image_field(tmp_path):
     path.write_text(json.dumps({"prompt": "<image> x?", "answer": "1"}) + "\n")
     (ex,) = load_examples(str(path))
     assert ex.prompt == "<image> x?" and ex.images is None and ex.vision is None
+
+
+def test_paper_config_parses(model_dir):
+    """cepo/configs/qwen3-vl-2b-geo3k.yaml: the paper's multimodal settings."""
+    from cepo.config import CONFIG_DIR, parse_config
+
+    cfg = parse_config(["--config", str(CONFIG_DIR / "qwen3-vl-2b-geo3k.yaml"),
+                        "--model", str(model_dir)])
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lr, cfg.prompts_per_step, cfg.group_size) == \
+        (16, 32, 5e-6, 32, 8)
+    assert (cfg.lam0, cfg.t_warm, cfg.eps_w, cfg.clip_low, cfg.clip_high, cfg.steps,
+            cfg.max_new_tokens) == (0.5, 25, 0.2, 0.2, 0.28, 50, 2048)
+    assert not cfg.train_vision and cfg.image_field == "images"
+
+
+def test_config_errors():
+    from cepo.config import parse_config
+
+    with pytest.raises(ValueError, match="'train_vision' needs full fine-tuning"):
+        parse_config(["--train_vision", "true", "--lora_rank", "4"])
+    with pytest.raises(ValueError, match="'min_pixels'"):
+        parse_config(["--min_pixels", "10", "--max_pixels", "5"])
+
+
+def test_unknown_multimodal_model_type_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    import torch
+    from cepo.model import load_causal_lm
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="model_type 'llava' is not supported.*qwen3_vl, "
+                                         "qwen2_5_vl"):
+        load_causal_lm(str(tmp_path))

@@ -59,12 +59,15 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
 
 
 def drop_long_prompts(examples: list[Example], render, max_tokens: int,
-                      what: str) -> list[Example]:
+                      what: str, prepare=None) -> list[Example]:
     """The examples whose rendered prompt has at most ``max_tokens`` tokens (0: all),
-    with a warning counting those dropped; an error if none is left."""
+    with a warning counting those dropped; an error if none is left. ``prepare``
+    (vision-language models: ``ImagePreparer.prepare``) expands the image placeholders
+    first, so image tokens count."""
     if max_tokens <= 0 or not examples:
         return examples
-    kept = [ex for ex in examples if len(render(ex.prompt)) <= max_tokens]
+    kept = [ex for ex in examples
+            if len(render((prepare(ex) if prepare else ex).prompt)) <= max_tokens]
     if len(kept) < len(examples):
         log.warning("data: dropped %d of %d %s prompts longer than max_prompt_tokens=%d "
                     "(rendered with the chat template)", len(examples) - len(kept),

@@ -408,8 +408,10 @@ def setup(cfg: TrainConfig, info, out: Path) -> tuple[Run, dict]:
     train, evals = load_datasets(cfg)
     render = partial(render_prompt, tokenizer, system_prompt=cfg.system_prompt,
                      chat_template=cfg.chat_template)
-    train = drop_long_prompts(train, render, cfg.max_prompt_tokens, "training")
-    evals = drop_long_prompts(evals, render, cfg.max_prompt_tokens, "evaluation") if evals else []
+    prepare = preparer.prepare if preparer is not None else None
+    train = drop_long_prompts(train, render, cfg.max_prompt_tokens, "training", prepare)
+    evals = (drop_long_prompts(evals, render, cfg.max_prompt_tokens, "evaluation", prepare)
+             if evals else [])
     if info.is_main:
         warn_about_settings(cfg)
     policy = build_policy(cfg, info.device)

@@ -137,3 +137,22 @@ def test_unknown_multimodal_model_type_is_named(tmp_path):
     with pytest.raises(ValueError, match="model_type 'llava' is not supported.*qwen3_vl, "
                                          "qwen2_5_vl"):
         load_causal_lm(str(tmp_path))
+
+
+def test_max_prompt_tokens_counts_image_tokens(tmp_path, model_dir):
+    from functools import partial
+
+    from transformers import AutoTokenizer
+
+    from cepo.build import drop_long_prompts
+    from cepo.contexts import render_prompt
+
+    path = make_image_dataset(tmp_path / "d", n=1, sizes=((64, 64),))  # 16 image tokens
+    examples = load(path)
+    render = partial(render_prompt, AutoTokenizer.from_pretrained(model_dir))
+    limit = len(render(examples[0].prompt))  # "<image>" is 7 characters: 7 tokens here
+    assert drop_long_prompts(examples, render, limit, "training") == examples
+    prep = ImagePreparer(str(model_dir))
+    with pytest.raises(ValueError, match="drops every training prompt"):
+        drop_long_prompts(examples, render, limit, "training", prep.prepare)
+    assert drop_long_prompts(examples, render, limit + 11, "training", prep.prepare) == examples

@@ -162,6 +162,21 @@ def build_model(tok, args):
     return model
 
 
+def init_text_from_tiny_arith(model) -> None:
+    """Copy tiny-arith's weights into the text model (same shapes, same token ids; the four
+    vision tokens keep their random rows). Qwen3-VL's interleaved 3-D rotary positions equal
+    Qwen3's 1-D ones on text, so the copied model reads text prompts as tiny-arith does."""
+    from safetensors.torch import load_file
+
+    text = model.model.language_model
+    own = text.state_dict()
+    weights = load_file(str(TINY_ARITH / "model.safetensors"))
+    with torch.no_grad():
+        for name, value in weights.items():
+            target = own[name.removeprefix("model.")]
+            target[:value.shape[0]].copy_(value)  # embed_tokens: the first 102 rows
+
+
 def user_content(row: dict, hint: str | None) -> str:
     """The user message text with the image span in place of ``<image>``; the trainer's
     teacher convention ``prompt + "\\n\\n" + hint`` when a hint is given."""
@@ -270,27 +285,31 @@ one deepstack layer) and a {layers}-layer text model (hidden {hidden}, tied embe
 multimodal rotary positions) with tiny-arith's character tokenizer plus Qwen's vision tokens
 ({vocab} tokens). Trained from scratch by `scripts/build_tiny_vl.py` on the train split of the
 built-in arithmetic task rendered into images (`cepo.vision_arith`). It is deliberately
-half-trained: supervised training stops when the held-out greedy accuracy reaches
-{target:.0%} (on {n_dev} dev problems), so RL has room and signal.
+half-trained: supervised training stops at the first evaluation (every 50 steps) whose
+greedy accuracy on {n_dev} held-out dev problems reaches {target:.0%} (here
+{dev_greedy_accuracy_at_stop:.0%}), so RL has room and signal.
 
-Build (seeded, CPU, {threads} threads, {minutes:.1f} minutes wall time, {steps} steps of {batch}):
+Build (seeded, CPU, {threads} threads, {steps} steps of {batch}, {minutes:.1f} minutes wall time and
+{cpu_minutes:.1f} minutes of CPU time on a shared, busy machine; evaluation not counted):
 
     python scripts/build_tiny_vl.py --seed {seed} --out cepo/assets/tiny-vl
 
-Load it with `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained`
-(PIL image processor, no torchvision needed; no video processor).
+Load it with `AutoModelForImageTextToText`, `AutoTokenizer` and `AutoImageProcessor`
+(`Qwen2VLImageProcessorPil`: no torchvision needed). `AutoProcessor` builds transformers'
+`Qwen3VLProcessor`, which also needs a video processor and so torchvision.
 
 ## Format
 
 - Image: the expression drawn in PIL's default bitmap font, one character per 32 x 32 cell
   (one merged vision token per character), black on white; 32 x 32n pixels for n characters.
 - Prompt: `<image>Compute the value of the expression in the image.`; the `<image>`
-  placeholder becomes `<|vision_start|><|image_pad|><|vision_end|>` (the processor expands
-  `<|image_pad|>` to one token per character); chat template
+  placeholder becomes `<|vision_start|>` + one `<|image_pad|>` per character +
+  `<|vision_end|>` (as `cepo.vision` and Qwen3VLProcessor expand it); chat template
   `<|user|>{{content}}<|assistant|>`; the response is the worked solution, one operation
   per line, ending in `\\boxed{{answer}}`, then `<eos>` (as tiny-arith).
 - Teacher hint (CEPO / RLSD): the user text `prompt + "\\n\\n" + answer`. {hint_pct:.0%} of
-  the supervised examples carried the correct answer this way, so the model uses hints.
+  the supervised examples carried the correct answer this way; the figures below show
+  how much the model uses a hint.
 
 ## Measured (test split, {n} problems, `cepo.vision_arith.make_split("test", {n}, seed={seed})`, max 64 new tokens)
 
@@ -319,9 +338,9 @@ def main():
     ap.add_argument("--target", type=float, default=0.40,
                     help="stop supervised training at this dev greedy accuracy")
     ap.add_argument("--max_steps", type=int, default=4000)
-    ap.add_argument("--max_minutes", type=float, default=0.0,
-                    help="stop training after this wall time (0: no limit)")
-    ap.add_argument("--eval_every", type=int, default=25)
+    ap.add_argument("--max_cpu_minutes", type=float, default=0.0,
+                    help="stop training after this much CPU time of the process (0: no limit)")
+    ap.add_argument("--eval_every", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -330,6 +349,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vision_hidden", type=int, default=64)
     ap.add_argument("--vision_layers", type=int, default=2)
+    ap.add_argument("--init_text", choices=("scratch", "tiny-arith"), default="scratch",
+                    help="text model initialisation: random, or cepo/assets/tiny-arith's weights")
     ap.add_argument("--num_train", type=int, default=20000)
     ap.add_argument("--num_dev", type=int, default=100)
     ap.add_argument("--num_test", type=int, default=200)
@@ -346,8 +367,10 @@ def main():
     processor = build_processor(out)
     tok = processor.tokenizer
     model = build_model(tok, args)
+    if args.init_text == "tiny-arith":
+        init_text_from_tiny_arith(model)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"tiny-vl: Qwen3-VL vision {args.vision_layers}x{args.vision_hidden}, text {args.layers}x{args.hidden}, "
+    log(f"tiny-vl: text model from {args.init_text}; Qwen3-VL vision {args.vision_layers}x{args.vision_hidden}, text {args.layers}x{args.hidden}, "
         f"{n_params:,} parameters, vocab {len(tok)}, {args.threads} threads, "
         f"target dev greedy accuracy {args.target:.0%}")
 
@@ -370,17 +393,20 @@ def main():
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            out_of_time = args.max_minutes > 0 and time.time() - t0 > 60 * args.max_minutes
+            out_of_time = args.max_cpu_minutes > 0 and time.process_time() > 60 * args.max_cpu_minutes
             if step % args.eval_every == 0 or step >= args.max_steps or out_of_time:
-                acc = greedy_accuracy(model, processor, dev) if step >= args.warmup // 2 else 0.0
+                acc = greedy_accuracy(model, processor, dev) if step >= args.warmup else None
                 elapsed = time.time() - t0
-                curve.append({"step": step, "seconds": round(elapsed), "loss": round(loss.item(), 4),
-                              "dev_greedy_accuracy": acc})
-                log(f"step {step:5d}  loss {loss.item():.4f}  dev greedy acc {acc:6.1%}  ({elapsed:.0f}s)")
-                if acc >= args.target or step >= args.max_steps or out_of_time:
+                cpu = time.process_time()  # CPU seconds of this process: steadier than wall time
+                curve.append({"step": step, "seconds": round(elapsed), "cpu_seconds": round(cpu),
+                              "loss": round(loss.item(), 4), "dev_greedy_accuracy": acc})
+                shown = "   -  " if acc is None else f"{acc:6.1%}"  # not measured before warmup ends
+                log(f"step {step:5d}  loss {loss.item():.4f}  dev greedy acc {shown}  "
+                    f"({elapsed:.0f}s wall, {cpu:.0f}s CPU)")
+                if (acc or 0.0) >= args.target or step >= args.max_steps or out_of_time:
                     done = True
                     break
-    train_seconds = time.time() - t0
+    train_seconds, train_cpu = time.time() - t0, time.process_time()
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     log(f"saved {out} after {train_seconds:.0f}s; evaluating on {len(test)} test problems")
@@ -391,6 +417,7 @@ def main():
         "vision_layers": args.vision_layers, "sft_steps": step, "batch_size": args.batch_size,
         "dev_problems": len(dev), "dev_greedy_accuracy_at_stop": acc, "target": args.target,
         "seed": args.seed, "threads": args.threads, "build_seconds": round(train_seconds),
+        "build_cpu_seconds": round(train_cpu),
         "evaluation_seconds": round(time.time() - t0 - train_seconds), "curve": curve,
     })
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != "README.md")
@@ -398,8 +425,9 @@ def main():
     (out / "build_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     (out / "README.md").write_text(README.format(
         **figures, params=n_params, size_kb=round(size / 1024), vocab=len(tok), hidden=args.hidden,
-        layers=args.layers, vision_layers=args.vision_layers, vision_hidden=args.vision_hidden,
-        minutes=figures["build_seconds"] / 60, steps=step, batch=args.batch_size, n_dev=len(dev),
+        layers=args.layers, vision_hidden=args.vision_hidden,
+        minutes=figures["build_seconds"] / 60, cpu_minutes=figures["build_cpu_seconds"] / 60,
+        steps=step, batch=args.batch_size, n_dev=len(dev),
         hint_pct=HINT_FRACTION, n=len(test)))
     log(json.dumps({k: v for k, v in figures.items() if k != "curve"}, indent=2))
 

@@ -47,6 +47,14 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
         return load_examples(path, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                              on_bad_row=cfg.on_bad_row, **images)
 
+    from cepo.vision_arith import BUILTIN_TASK as VISION_TASK
+    from cepo.vision_arith import examples as vision_examples
+
+    if cfg.train_data == VISION_TASK:  # the arithmetic task in image form (tiny-vl.yaml)
+        train = vision_examples("train", cfg.num_train, cfg.seed)
+        if cfg.eval_data in (None, VISION_TASK):
+            return train, vision_examples("test", cfg.num_eval, cfg.eval_seed)
+        return train, load(cfg.eval_data)[: cfg.num_eval]
     if cfg.train_data == BUILTIN_TASK:
         train = _builtin("train", cfg.num_train, cfg.seed)
         evals = (load(cfg.eval_data)[: cfg.num_eval] if cfg.eval_data

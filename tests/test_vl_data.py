@@ -156,3 +156,16 @@ def test_max_prompt_tokens_counts_image_tokens(tmp_path, model_dir):
     with pytest.raises(ValueError, match="drops every training prompt"):
         drop_long_prompts(examples, render, limit, "training", prep.prepare)
     assert drop_long_prompts(examples, render, limit + 11, "training", prep.prepare) == examples
+
+
+def test_builtin_vision_arithmetic_datasets():
+    """--train_data builtin:vision_arithmetic (tiny-vl.yaml): image examples for both splits."""
+    from cepo.build import load_datasets
+    from cepo.config import CONFIG_DIR, parse_config
+
+    cfg = parse_config(["--config", str(CONFIG_DIR / "tiny-vl.yaml"), "--num_train", "5",
+                        "--num_eval", "3"])
+    train, evals = load_datasets(cfg)
+    assert (len(train), len(evals)) == (5, 3)
+    assert all(len(ex.images) == 1 and ex.prompt.count("<image>") == 1 for ex in train + evals)
+    assert train[0].source.startswith("vision-arithmetic-train")

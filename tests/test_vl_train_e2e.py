@@ -32,7 +32,7 @@ def step_rows(out: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
-def check_run_and_export(out: Path, model_dir: Path, lora: bool) -> None:
+def check_run_and_export(out: Path, model_dir: Path, lora: bool, vision: bool) -> None:
     from safetensors.torch import load_file
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
@@ -52,21 +52,26 @@ def check_run_and_export(out: Path, model_dir: Path, lora: bool) -> None:
     new, old = reloaded.state_dict(), initial.state_dict()
     changed = [k for k in old if not torch.equal(new[k], old[k])]
     assert any("language_model.layers" in k for k in changed)
-    assert not any(".visual." in f".{k}" for k in changed)  # the tower is frozen
+    # the tower is frozen unless --train_vision
+    assert any(".visual." in f".{k}" for k in changed) == vision
     if lora:  # LoRA adapts the attention / MLP projections only
         assert all(k.endswith("proj.weight") for k in changed), changed
 
 
-@pytest.mark.parametrize("arch,lora,algo", [("qwen3_vl", False, "cepo"),
-                                            ("qwen2_5_vl", True, "rlsd")])
-def test_vl_one_and_two_processes(tmp_path, data, arch, lora, algo):
-    """Same global batch, 1 vs 2 processes: equal losses; both export a loadable model."""
+@pytest.mark.parametrize("arch,lora,algo,vision", [("qwen3_vl", False, "cepo", False),
+                                                   ("qwen2_5_vl", True, "rlsd", False),
+                                                   ("qwen3_vl", False, "grpo", True)])
+def test_vl_one_and_two_processes(tmp_path, data, arch, lora, algo, vision):
+    """Same global batch, 1 vs 2 processes: equal losses; both export a loadable model.
+    --train_vision runs the tower per micro-batch with gradients (a rank without images
+    runs a dummy one, in the same backward order)."""
     model = make_tiny_vl_dir(tmp_path / "model", arch=arch)
     extra = ["--algo", algo] + (["--lora_rank", "4", "--lora_alpha", "8"] if lora else [])
+    extra += ["--train_vision", "true"] if vision else []
     run_train(tmp_path / "one", model, data, *extra)
     run_train(tmp_path / "two", model, data, *extra, nproc=2)
     one, two = step_rows(tmp_path / "one"), step_rows(tmp_path / "two")
     assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], rel=1e-4,
                                                        abs=1e-7)
     for out in ("one", "two"):
-        check_run_and_export(tmp_path / out, model, lora)
+        check_run_and_export(tmp_path / out, model, lora, vision)

@@ -91,15 +91,28 @@ class PassImages:
     per rollout, shared by all of the rollout's contexts. When the vision tower is frozen
     (or the pass has no gradient) the distinct images are encoded ONCE for the whole
     pass, every rank calling the tower once (``encoded``); a trainable tower runs per
-    micro-batch instead, on that micro-batch's distinct images (``encoded`` None)."""
+    micro-batch instead, on that micro-batch's distinct images (``encoded`` None).
 
-    def __init__(self, policy, per_rollout: list, *, precompute: bool):
+    cache: a dict kept for one step (``image_cache`` of the step functions): the first
+    pass of a model encodes, its later passes in the step reuse the embeddings, so a
+    frozen tower runs once per step. Every rank decides alike (a rank's later passes
+    use a subset of its first pass's images), so the tower's collectives match."""
+
+    def __init__(self, policy, per_rollout: list, *, precompute: bool,
+                 cache: dict | None = None):
         self.per_rollout = per_rollout
         self.encoded = None
         if precompute:
+            keys = {im.key for im in per_rollout if im is not None}
+            cached = cache.get(id(policy)) if cache is not None else None
+            if cached is not None and keys <= cached.keys():
+                self.encoded = cached  # this step's first pass encoded them (every rank)
+                return
             with torch.no_grad():
                 self.encoded = policy(None, None, encode=[im for im in per_rollout
                                                           if im is not None])
+            if cache is not None:
+                cache[id(policy)] = self.encoded
 
     def kwargs(self, rollouts: list[int]) -> dict:
         """Keyword arguments of the policy forward for sequences of these rollouts."""
@@ -114,17 +127,18 @@ def _vision_trainable(policy) -> bool:
     return any(p.requires_grad for p in vision_tower(policy.base).parameters())
 
 
-def _pass_images(policy, images, *, grad: bool) -> PassImages | None:
+def _pass_images(policy, images, *, grad: bool, cache: dict | None = None) -> PassImages | None:
     if images is None:
         return None
-    return PassImages(policy, images, precompute=not (grad and _vision_trainable(policy)))
+    return PassImages(policy, images, precompute=not (grad and _vision_trainable(policy)),
+                      cache=cache)
 
 
 @torch.no_grad()
 def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
                           responses: Responses, *, token_budget: int, pad_id: int,
-                          device: torch.device, images: list | None = None
-                          ) -> dict[str, torch.Tensor]:
+                          device: torch.device, images: list | None = None,
+                          image_cache: dict | None = None) -> dict[str, torch.Tensor]:
     """[N, H] hidden states predicting each response token, per named context, from ONE
     packed pass over all (context, response) sequences.
 
@@ -132,13 +146,14 @@ def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
     does not need this context (its rows stay 0). Every name gets an [N, H] tensor in
     canonical order. images (vision-language policies): one ``cepo.vision.ImageInputs``
     (or None) per rollout, the same for every context of the rollout; each distinct
-    image is encoded once for the whole pass (``PassImages``).
+    image is encoded once for the whole pass, or once per step with ``image_cache``
+    (``PassImages``).
     """
     sequences = [Sequence(ctx, i, name) for name, per_rollout in contexts.items()
                  for i, ctx in enumerate(per_rollout) if ctx is not None]
     out: dict[str, torch.Tensor] = {}
     hdim = policy.base.config.get_text_config().hidden_size
-    vis = _pass_images(policy, images, grad=False)
+    vis = _pass_images(policy, images, grad=False, cache=image_cache)
     for item in micro_batches(sequences, responses, token_budget, device):
         if item is None:
             batch, index, _ = _padding_turn(pad_id, device)
@@ -180,7 +195,8 @@ class unsharded:
 def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Responses,
              advantages: torch.Tensor, has_negative: torch.Tensor, *, lam: float, eps_w: float,
              temperature: float, token_budget: int, pad_id: int,
-             device: torch.device, images: list | None = None) -> ck.Evidence:
+             device: torch.device, images: list | None = None,
+             image_cache: dict | None = None) -> ck.Evidence:
     """docs/algorithm.md steps 2-5: one packed no-grad pass over the contexts the step
     needs, then one contrastive_evidence call.
 
@@ -191,7 +207,8 @@ def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Res
     states, so ``lp_policy`` / ``lp_neg`` there are meaningless and unused.
     """
     h = context_hidden_states(policy, contexts, responses, token_budget=token_budget,
-                              pad_id=pad_id, device=device, images=images)
+                              pad_id=pad_id, device=device, images=images,
+                              image_cache=image_cache)
     with unsharded(policy), torch.no_grad():
         weight = policy.head_weight()
         h = {k: v.to(weight.dtype) for k, v in h.items()}
@@ -204,11 +221,12 @@ def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Res
 @torch.no_grad()
 def policy_logprobs(policy, policy_ctx: list[list[int]], responses: Responses, *,
                     temperature: float, token_budget: int, pad_id: int,
-                    device: torch.device, images: list | None = None) -> torch.Tensor:
+                    device: torch.device, images: list | None = None,
+                    image_cache: dict | None = None) -> torch.Tensor:
     """[N] log-probs of the responses under ``policy`` (old log-probs, or a reference)."""
     h = context_hidden_states(policy, {"policy": policy_ctx}, responses,
                               token_budget=token_budget, pad_id=pad_id, device=device,
-                              images=images)["policy"]
+                              images=images, image_cache=image_cache)["policy"]
     with unsharded(policy):
         weight = policy.head_weight()
         return ck.fused_logprobs(h.to(weight.dtype), weight, responses.targets.to(device),
@@ -236,7 +254,7 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
                ref_logprobs: torch.Tensor | None, global_tokens: float, world_size: int,
                clip_low: float, clip_high: float, temperature: float, kl_coef: float,
                token_budget: int, pad_id: int, device: torch.device,
-               images: list | None = None) -> UpdateResult:
+               images: list | None = None, image_cache: dict | None = None) -> UpdateResult:
     """Forward + backward of the fused PPO loss over the given rollouts (one mini-batch).
 
     The loss of each micro-batch is divided by the global number of tokens of the
@@ -252,8 +270,9 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     ref = ref_logprobs.to(device)[picked.to(device)] if ref_logprobs is not None else None
     result = UpdateResult(0.0, 0.0, {k: 0.0 for k in UPDATE_STATS},
                           torch.full((responses.num_tokens,), float("nan")))
-    vis = _pass_images(policy, [images[i] for i in rollout_indices] if images is not None
-                       else None, grad=True)
+    # all of the rank's images (not only this mini-batch's): the step's first pass then
+    # encodes the same set on every mini-batch split, and later ones reuse it alike
+    vis = _pass_images(policy, images, grad=True, cache=image_cache)
     for item in micro_batches(sequences, local, token_budget, device):
         if item is None:  # zero weight on the one token: loss exactly 0, zero gradients
             batch, index, targets = _padding_turn(pad_id, device)
@@ -271,8 +290,8 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
             mask=torch.ones_like(targets, dtype=torch.bool), clip_low=clip_low,
             clip_high=clip_high, temperature=temperature, normalizer=global_tokens,
             ref_logprobs=ref[pos] if ref is not None else None, kl_coef=kl_coef,
-            return_entropy=True), **(vis.kwargs([sequences[j].rollout for j in members])
-                                     if vis else {}))
+            return_entropy=True), **(vis.kwargs([rollout_indices[sequences[j].rollout]
+                                                  for j in members]) if vis else {}))
         (loss * world_size).backward()
         result.logprobs[picked[pos.cpu()]] = stats.logprobs.detach().float().cpu()
         n = float(stats.num_tokens)

@@ -67,6 +67,7 @@ class Run:
     watch: LauncherWatch = field(default_factory=LauncherWatch)
     bad_steps: int = 0               # consecutive steps with a non-finite loss / grad norm
     preparer: object = None          # vision-language models: cepo.vision.ImagePreparer
+    image_cache: dict = field(default_factory=dict)  # this step's image embeddings, per model
 
     def prepare(self, examples: list[Example]) -> list[Example]:
         """Multimodal examples with their images processed and placeholders expanded
@@ -75,9 +76,12 @@ class Run:
             return examples
         return [self.preparer.prepare(ex) for ex in examples]
 
-    def images(self, items) -> list | None:
-        """Each train item's images (None for a text model: the text path as it was)."""
-        return [it.vision for it in items] if self.preparer is not None else None
+    def images(self, items) -> dict:
+        """Keyword arguments of the step passes for the items' images: each item's
+        ``ImageInputs`` and the step's embedding cache; {} for a text model."""
+        if self.preparer is None:
+            return {}
+        return dict(images=[it.vision for it in items], image_cache=self.image_cache)
 
     def render(self, prompt: str) -> list[int]:
         """The policy context of a prompt, as the sampler sees it."""
@@ -156,7 +160,7 @@ def score_evidence(run: Run, items: list[TrainItem], resp: Responses, lam: float
                   per_token([it.neg_ids is not None for it in items], lengths, torch.bool),
                   lam=lam, eps_w=cfg.eps_w, temperature=cfg.temperature,
                   token_budget=cfg.token_budget, pad_id=run.tokenizer.pad_token_id,
-                  device=run.info.device, images=run.images(items))
+                  device=run.info.device, **run.images(items))
     d = ev.delta.abs().float().cpu()
     correct = per_token([it.correct for it in items], lengths, torch.bool)
     if correct.any():
@@ -188,7 +192,7 @@ def update(run: Run, items: list[TrainItem], resp: Responses, token_adv: torch.T
                           clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           temperature=cfg.temperature, kl_coef=cfg.kl_coef,
                           token_budget=cfg.token_budget, pad_id=run.tokenizer.pad_token_id,
-                          device=device, images=run.images(items))
+                          device=device, **run.images(items))
         if k == 0 and old_lp is None:  # before any optimizer step: the sampled weights
             trainer_lp = part.logprobs
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0
@@ -241,6 +245,7 @@ def train_step(run: Run, step: int) -> dict:
 
     # sample -> score -> advantages (and the wrong-answer hints)
     groups = sample_and_score(run, step, m)
+    run.image_cache.clear()  # embeddings are reused within a step only
 
     # contexts: rollouts with A != 0, balanced over ranks by tokens
     use_teachers = cfg.algo != "grpo" and lam > 0.0
@@ -265,12 +270,12 @@ def train_step(run: Run, step: int) -> dict:
         old_lp = policy_logprobs(run.policy, [it.policy_ids for it in items], resp,
                                  temperature=cfg.temperature, token_budget=cfg.token_budget,
                                  pad_id=run.tokenizer.pad_token_id, device=device,
-                                 images=run.images(items))
+                                 **run.images(items))
     if active and run.reference is not None:
         ref_lp = policy_logprobs(run.reference, [it.policy_ids for it in items], resp,
                                  temperature=cfg.temperature, token_budget=cfg.token_budget,
                                  pad_id=run.tokenizer.pad_token_id, device=device,
-                                 images=run.images(items))
+                                 **run.images(items))
     m.add("time_teacher", time.perf_counter() - t0)
 
     # update

@@ -104,6 +104,18 @@ def test_contexts_share_images_and_tower_runs_once_per_pass(vl):
     finally:
         hook.remove()
     assert len(calls) == 1  # several micro-batches (budget 64), one tower run
+    cache = {}  # a step's cache: its later passes reuse the first pass's embeddings
+    for _ in range(2):
+        hook = vision_tower(model).register_forward_hook(lambda *a: calls.append(1))
+        try:
+            again = context_hidden_states(policy, {"pos": [pos_ids] * 3}, responses,
+                                          token_budget=64, pad_id=tok.pad_token_id,
+                                          device=torch.device("cpu"), images=[im] * 3,
+                                          image_cache=cache)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(again["pos"], h["pos"], rtol=1e-6, atol=1e-6)
+    assert len(calls) == 2
     with torch.no_grad():
         for name, ctx in (("policy", policy_ids), ("pos", pos_ids), ("neg", neg_ids)):
             for r, resp in enumerate(responses.response_ids):

@@ -248,3 +248,18 @@ def test_examples_for_the_trainer():
     vision = pytest.importorskip("cepo.vision")
     for e in examples:
         assert len(vision.check_row_images(e.prompt, e.images, None, 16384)) == 1
+
+
+def test_trainer_prepares_the_builtin_rows_for_the_asset(tok):
+    """cepo.vision (the trainer's image path) accepts the asset and expands each row's
+    placeholder into one image token per character of the expression."""
+    vision = pytest.importorskip("cepo.vision")
+    from transformers import AutoConfig
+    vision.check_vision_tokens(tok, AutoConfig.from_pretrained(ASSET, local_files_only=True))
+    preparer = vision.ImagePreparer(str(ASSET), max_pixels=16384)
+    texts = arithmetic.make_split("test", 5, seed=2)
+    for example, text in zip(vision_arith.examples("test", 5, seed=2), texts):
+        prepared = preparer.prepare(example)
+        assert prepared.prompt.count("<|image_pad|>") == len(text["prompt"])
+        assert prepared.vision.grid_thw.tolist() == [[1, 2, 2 * len(text["prompt"])]]
+        assert vision.display_prompt(prepared.prompt) == vision_arith.PROMPT

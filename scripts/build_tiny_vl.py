@@ -17,6 +17,9 @@ teacher context with the default hint template).
 
     python scripts/build_tiny_vl.py --seed 0 --out cepo/assets/tiny-vl
 
+``--init_text tiny-arith`` starts the text model from cepo/assets/tiny-arith's weights
+instead (same ids and shapes) and mostly has to learn to read: fewer steps, and the
+model keeps tiny-arith's use of hints. ``--max_cpu_minutes`` caps the training time.
 Everything is seeded; with the same thread count the build is reproducible.
 """
 
@@ -45,7 +48,8 @@ USER, ASSISTANT, EOS = "<|user|>", "<|assistant|>", "<eos>"
 # {"type": "image"} -> <|vision_start|><|image_pad|><|vision_end|>, {"type": "text"} -> its text.
 CONTENT = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}"
            "{% for c in m['content'] %}"
-           "{% if c['type'] == 'image' %}" + IMAGE_SPAN + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+           "{% if c['type'] == 'image' %}" + IMAGE_SPAN +
+           "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
            "{% endfor %}{% endif %}")
 CHAT_TEMPLATE = ("{% for m in messages %}"
                  "{% if m['role'] == 'user' %}" + USER + CONTENT +
@@ -72,8 +76,10 @@ class Processor:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
-    def __call__(self, text: list[str], images: list, padding: bool = False, return_tensors=None,
-                 **_unused) -> dict:
+    def __call__(self, text: list[str], images: list, padding: bool = False) -> dict:
+        """Token ids (lists; with ``padding``, left-padded [B, T] tensors and an attention
+        mask), ``mm_token_type_ids`` (1 at image tokens), ``pixel_values`` [P, 1536] and
+        ``image_grid_thw`` [n_images, 3]."""
         vision = self.image_processor(images=images, return_tensors="pt")
         merge = self.image_processor.merge_size ** 2
         counts = iter((vision["image_grid_thw"].prod(-1) // merge).tolist())
@@ -82,7 +88,8 @@ class Processor:
             pieces = t.split(IMAGE_PAD)
             row = self.tokenizer(pieces[0], add_special_tokens=False).input_ids
             for piece in pieces[1:]:
-                row += [self.image_token_id] * next(counts) + self.tokenizer(piece, add_special_tokens=False).input_ids
+                row += [self.image_token_id] * next(counts)
+                row += self.tokenizer(piece, add_special_tokens=False).input_ids
             ids.append(row)
         if next(counts, None) is not None:
             raise ValueError("more images than <|image_pad|> tokens in the text")
@@ -145,7 +152,8 @@ def build_model(tok, args):
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": section, "mrope_interleaved": True},
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    vision = dict(depth=args.vision_layers, hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
+    vision = dict(depth=args.vision_layers, hidden_size=args.vision_hidden,
+                  intermediate_size=4 * args.vision_hidden,
                   num_heads=2, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                   out_hidden_size=args.hidden, num_position_embeddings=256, deepstack_visual_indexes=[0])
     config = transformers.Qwen3VLConfig(
@@ -370,7 +378,8 @@ def main():
     if args.init_text == "tiny-arith":
         init_text_from_tiny_arith(model)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"tiny-vl: text model from {args.init_text}; Qwen3-VL vision {args.vision_layers}x{args.vision_hidden}, text {args.layers}x{args.hidden}, "
+    log(f"tiny-vl: text model from {args.init_text}; Qwen3-VL vision {args.vision_layers}x"
+        f"{args.vision_hidden}, text {args.layers}x{args.hidden}, "
         f"{n_params:,} parameters, vocab {len(tok)}, {args.threads} threads, "
         f"target dev greedy accuracy {args.target:.0%}")
 

@@ -36,6 +36,10 @@ def _builtin(split: str, n: int, seed: int) -> list[Example]:
             for i, r in enumerate(make_split(split, n, seed))]
 
 
+VISION_TASK = "builtin:vision_arithmetic"
+"""The built-in arithmetic task in image form (cepo.vision_arith.BUILTIN_TASK)."""
+
+
 def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples: the built-in task's splits, or user files / datasets."""
     from cepo.vision import is_vl_checkpoint
@@ -47,10 +51,9 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
         return load_examples(path, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                              on_bad_row=cfg.on_bad_row, **images)
 
-    from cepo.vision_arith import BUILTIN_TASK as VISION_TASK
-    from cepo.vision_arith import examples as vision_examples
-
     if cfg.train_data == VISION_TASK:  # the arithmetic task in image form (tiny-vl.yaml)
+        from cepo.vision_arith import examples as vision_examples
+
         train = vision_examples("train", cfg.num_train, cfg.seed)
         if cfg.eval_data in (None, VISION_TASK):
             return train, vision_examples("test", cfg.num_eval, cfg.eval_seed)

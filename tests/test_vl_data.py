@@ -169,3 +169,5 @@ def test_builtin_vision_arithmetic_datasets():
     assert (len(train), len(evals)) == (5, 3)
     assert all(len(ex.images) == 1 and ex.prompt.count("<image>") == 1 for ex in train + evals)
     assert train[0].source.startswith("vision-arithmetic-train")
+    from cepo import build, vision_arith
+    assert build.VISION_TASK == vision_arith.BUILTIN_TASK

@@ -264,3 +264,24 @@ def test_trainer_prepares_the_builtin_rows_for_the_asset(tok):
         assert prepared.prompt.count("<|image_pad|>") == len(text["prompt"])
         assert prepared.vision.grid_thw.tolist() == [[1, 2, 2 * len(text["prompt"])]]
         assert vision.display_prompt(prepared.prompt) == vision_arith.PROMPT
+
+
+def test_build_script_rebuilds_the_shipped_files(tmp_path):
+    """A 2-step run of scripts/build_tiny_vl.py writes the asset's files: the same model
+    config, tokenizer, image processor and chat template, byte for byte, and a model that
+    loads and generates."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "tiny-vl"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "build_tiny_vl.py"
+    subprocess.run([sys.executable, str(script), "--out", str(out), "--max_steps", "2", "--eval_every", "2",
+                    "--warmup", "1", "--num_train", "64", "--num_test", "2", "--num_dev", "2",
+                    "--batch_size", "8"], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "chat_template.json"):
+        assert (out / name).read_bytes() == (ASSET / name).read_bytes(), name
+    figures = json.loads((out / "build_figures.json").read_text())
+    assert figures["sft_steps"] == 2 and figures["test_problems"] == 2
+    assert "2 steps of 8" in (out / "README.md").read_text()

@@ -91,8 +91,10 @@ def drop_long_prompts(examples: list[Example], render, max_tokens: int,
 
 def warn_about_settings(cfg: TrainConfig) -> None:
     """Say so when a real checkpoint is trained with settings that suit only the tiny model."""
-    if cfg.model == TINY_MODEL:
-        return
+    from pathlib import Path
+
+    if cfg.model == TINY_MODEL or Path(cfg.model).resolve().parent == Path(TINY_MODEL).parent:
+        return  # a shipped tiny model (cepo/assets: tiny-arith, tiny-vl)
     if cfg.lr > 5e-5 and cfg.lora_rank == 0:
         log.warning("lr %.3g with full fine-tuning moves every weight of a pretrained model "
                     "by about lr per update; the paper trains at 5e-6 (CEPO) / 1e-6 (GRPO). "

@@ -36,12 +36,29 @@ def _builtin(split: str, n: int, seed: int) -> list[Example]:
             for i, r in enumerate(make_split(split, n, seed))]
 
 
+VISION_TASK = "builtin:vision_arithmetic"
+"""The built-in arithmetic task in image form (cepo.vision_arith.BUILTIN_TASK)."""
+
+
 def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples: the built-in task's splits, or user files / datasets."""
+    from cepo.vision import is_vl_checkpoint
+
+    images = (dict(image_field=cfg.image_field, max_pixels=cfg.max_pixels)
+              if is_vl_checkpoint(cfg.model) else {})
+
     def load(path):
         return load_examples(path, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
-                             on_bad_row=cfg.on_bad_row, solution_field=cfg.solution_field)
+                             on_bad_row=cfg.on_bad_row, solution_field=cfg.solution_field,
+                             **images)
 
+    if cfg.train_data == VISION_TASK:  # the arithmetic task in image form (tiny-vl.yaml)
+        from cepo.vision_arith import examples as vision_examples
+
+        train = vision_examples("train", cfg.num_train, cfg.seed)
+        if cfg.eval_data in (None, VISION_TASK):
+            return train, vision_examples("test", cfg.num_eval, cfg.eval_seed)
+        return train, load(cfg.eval_data)[: cfg.num_eval]
     if cfg.train_data == BUILTIN_TASK:
         train = _builtin("train", cfg.num_train, cfg.seed)
         evals = (load(cfg.eval_data)[: cfg.num_eval] if cfg.eval_data
@@ -54,12 +71,15 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
 
 
 def drop_long_prompts(examples: list[Example], render, max_tokens: int,
-                      what: str) -> list[Example]:
+                      what: str, prepare=None) -> list[Example]:
     """The examples whose rendered prompt has at most ``max_tokens`` tokens (0: all),
-    with a warning counting those dropped; an error if none is left."""
+    with a warning counting those dropped; an error if none is left. ``prepare``
+    (vision-language models: ``ImagePreparer.prepare``) expands the image placeholders
+    first, so image tokens count."""
     if max_tokens <= 0 or not examples:
         return examples
-    kept = [ex for ex in examples if len(render(ex.prompt)) <= max_tokens]
+    kept = [ex for ex in examples
+            if len(render((prepare(ex) if prepare else ex).prompt)) <= max_tokens]
     if len(kept) < len(examples):
         log.warning("data: dropped %d of %d %s prompts longer than max_prompt_tokens=%d "
                     "(rendered with the chat template)", len(examples) - len(kept),
@@ -72,8 +92,10 @@ def drop_long_prompts(examples: list[Example], render, max_tokens: int,
 
 def warn_about_settings(cfg: TrainConfig) -> None:
     """Say so when a real checkpoint is trained with settings that suit only the tiny model."""
-    if cfg.model == TINY_MODEL:
-        return
+    from pathlib import Path
+
+    if cfg.model == TINY_MODEL or Path(cfg.model).resolve().parent == Path(TINY_MODEL).parent:
+        return  # a shipped tiny model (cepo/assets: tiny-arith, tiny-vl)
     if cfg.lr > 5e-5 and cfg.lora_rank == 0:
         log.warning("lr %.3g with full fine-tuning moves every weight of a pretrained model "
                     "by about lr per update; the paper trains at 5e-6 (CEPO) / 1e-6 (GRPO). "
@@ -107,6 +129,9 @@ def build_policy(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
     bf16 = compute_bf16(cfg, device)
     attn = attention_for(cfg, device)
     lm = load_causal_lm(cfg.model, dtype=torch.float32, attn_implementation=attn)
+    from cepo.vision import is_vl_model, vision_tower
+    if is_vl_model(lm) and not cfg.train_vision:
+        vision_tower(lm).requires_grad_(False)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
@@ -127,6 +152,19 @@ def build_reference(cfg: TrainConfig, device: torch.device) -> FusedHeadPolicy:
     ref.to(device)
     shard(ref, device, bf16=compute_bf16(cfg, device), cpu_offload=cfg.cpu_offload)
     return ref
+
+
+def build_image_preparer(cfg: TrainConfig, tokenizer):
+    """The image processor of a vision-language checkpoint (None for a text model), with
+    the tokenizer checked to spell the model's vision tokens."""
+    from cepo.vision import ImagePreparer, check_vision_tokens, is_vl_checkpoint
+
+    if not is_vl_checkpoint(cfg.model):
+        return None
+    from transformers import AutoConfig
+
+    check_vision_tokens(tokenizer, AutoConfig.from_pretrained(cfg.model, local_files_only=True))
+    return ImagePreparer(cfg.model, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
 
 
 def build_sampler(cfg: TrainConfig, tokenizer, info):

@@ -120,7 +120,10 @@ class TrainConfig:
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                  "down_proj"])
-    """Modules that receive LoRA adapters."""
+    """Modules that receive LoRA adapters (vision-language models: in the language model only)."""
+    train_vision: bool = False
+    """Vision-language models (Qwen3-VL / Qwen2.5-VL): also train the vision tower (full
+    fine-tuning only); false keeps it frozen, as the paper's runs do."""
 
     # --- data ------------------------------------------------------------------------
     train_data: str = BUILTIN_TASK
@@ -150,6 +153,15 @@ class TrainConfig:
     max_prompt_tokens: int = 0
     """Drop prompts longer than this many tokens once rendered (0: keep all); the count
     dropped is reported."""
+    image_field: str = "images"
+    """Vision-language models: the field holding each row's images (paths relative to the
+    data file, raw bytes or datasets.Image values); the prompt has one <image> per image."""
+    max_pixels: int = 1048576
+    """Vision-language models: the image processor's pixel budget (its resize upper bound);
+    an image with more pixels is a bad row (see on_bad_row)."""
+    min_pixels: Optional[int] = None
+    """Vision-language models: the image processor's lower resize bound (default: the
+    checkpoint's preprocessor_config.json)."""
 
     # --- rollouts --------------------------------------------------------------------
     prompts_per_step: int = 32
@@ -287,6 +299,14 @@ class TrainConfig:
             bad("teacher", f"{self.teacher!r} is for rlsd / cepo; opsd and sdpo distil from the "
                            "current policy (their fused loss puts teacher and student through the "
                            "same LM head): leave teacher at policy")
+        if (self.algo in ("opsd", "sdpo") or self.teacher != "policy") and os.path.isdir(self.model):
+            from cepo.vision import is_vl_checkpoint
+
+            if is_vl_checkpoint(self.model):
+                option = "algo" if self.algo in ("opsd", "sdpo") else "teacher"
+                bad(option, f"{getattr(self, option)!r} is not supported with a vision-language "
+                            "model yet (its teacher contexts would need the images): use "
+                            "grpo / rlsd / cepo with teacher policy")
         if self.algo in ("opsd", "sdpo", "grpo") and self.hint_source != "answer":
             bad("hint_source", f"{self.hint_source!r} is for rlsd / cepo (the teachers' hints); "
                                f"{self.algo} has no such hint: leave hint_source at answer")
@@ -294,6 +314,13 @@ class TrainConfig:
             name = ("max_prompt_tokens" if self.max_prompt_tokens < 0 else
                     "samples_every" if self.samples_every < 0 else "samples_per_step")
             bad(name, "must be >= 0")
+        if self.max_pixels < 1 or (self.min_pixels is not None
+                                   and not 0 < self.min_pixels <= self.max_pixels):
+            bad("max_pixels" if self.max_pixels < 1 else "min_pixels",
+                "must satisfy 0 < min_pixels <= max_pixels")
+        if self.train_vision and self.lora_rank > 0:
+            bad("train_vision", "needs full fine-tuning (lora_rank 0): LoRA adapts the "
+                "language model only")
         if self.temperature <= 0:
             bad("temperature", "must be > 0 for RL sampling")
         if self.model != TINY_MODEL and not os.path.isdir(self.model):

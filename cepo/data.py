@@ -22,6 +22,8 @@ class Example:
     answer: str
     source: str
     solution: str | None = None  # a worked reference solution, when the data has one (opsd)
+    images: list | None = None   # multimodal rows: the validated image values (paths absolute)
+    vision: object = None        # set by cepo.vision.ImagePreparer: the processed images
 
 
 def _field(row: dict, name: str):
@@ -77,11 +79,24 @@ def _rows(path: str, split: str):
         yield f"{name}[{i}]", row
 
 
+def _absolute(value, base_dir: str | None):
+    if isinstance(value, str) and base_dir is not None and not os.path.isabs(value):
+        return os.path.join(base_dir, value)
+    return value
+
+
 def load_examples(path_or_name: str, *, prompt_field: str = "prompt", answer_field: str = "answer",
                   split: str = "train", on_bad_row: str = "skip",
-                  solution_field: str | None = None) -> list[Example]:
+                  solution_field: str | None = None, image_field: str | None = None,
+                  max_pixels: int | None = None) -> list[Example]:
     """Load {prompt, answer} examples; bad rows are skipped with a warning or raise.
-    ``solution_field``: read into ``Example.solution`` where a row has a non-empty one."""
+
+    solution_field: read into ``Example.solution`` where a row has a non-empty one (opsd).
+    image_field (multimodal policies): the field holding each row's images (a list, or
+    one value): paths relative to the data file (or saved dataset dir), raw bytes or
+    ``datasets.Image`` values; the prompt holds one ``<image>`` per image. A row whose
+    placeholders do not match its images, with a missing or unreadable image, or an
+    image over ``max_pixels`` pixels is a bad row (cepo.vision.check_row_images)."""
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
     examples, bad = [], []
@@ -98,7 +113,22 @@ def load_examples(path_or_name: str, *, prompt_field: str = "prompt", answer_fie
             continue
         solution = _field(row, solution_field) if solution_field else None
         solution = str(solution).strip() if solution is not None and str(solution).strip() else None
-        examples.append(Example(str(prompt), str(answer).strip(), where, solution))
+        images = None
+        if image_field is not None:
+            from cepo.vision import DEFAULT_MAX_PIXELS, check_row_images
+
+            base_dir = (os.path.dirname(os.path.abspath(path_or_name))
+                        if os.path.isfile(path_or_name) else
+                        os.path.abspath(path_or_name) if os.path.isdir(path_or_name) else None)
+            try:
+                images = check_row_images(str(prompt), _field(row, image_field), base_dir,
+                                          max_pixels or DEFAULT_MAX_PIXELS)
+            except ValueError as e:
+                bad.append(f"{where}: field '{image_field}': {e}")
+                continue
+            images = [_absolute(v, base_dir) for v in images]
+        examples.append(Example(str(prompt), str(answer).strip(), where, solution=solution,
+                                images=images))
     if bad:
         listing = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
         if on_bad_row == "error":

@@ -8,6 +8,7 @@ from cepo.data import Example
 from cepo.samples import sample_record
 from cepo.sampler import SamplingParams
 from cepo.sampler.base import mix_seed
+from cepo.vision import display_prompt
 
 
 def evaluate(examples: list[Example], *, render, sampler, verifier, info, max_new_tokens: int,
@@ -17,21 +18,24 @@ def evaluate(examples: list[Example], *, render, sampler, verifier, info, max_ne
     ``samples`` > 0, ``eval_mean_at_k`` (mean over ``samples`` draws per problem at the
     training temperature; problem i's draws are seeded by its global index, so they do
     not depend on the number of ranks). rows: this rank's greedy responses as
-    samples.jsonl records. Collective (every rank calls it)."""
+    samples.jsonl records. Collective (every rank calls it). Examples with images
+    (``ex.vision``, prepared by cepo.vision) send them to the sampler (``images=``)."""
     mine = list(range(info.rank, len(examples), info.world_size))
     prompt_ids = [render(examples[i].prompt) for i in mine]
     answers = [examples[i].answer for i in mine]
+    images = [getattr(examples[i], "vision", None) for i in mine]
+    extra = {"images": images} if any(im is not None for im in images) else {}
 
     def run(n: int, params: SamplingParams, seeds):
         if not mine:
             return [], []
-        outs = sampler.generate(prompt_ids, n, params, seeds=seeds)
+        outs = sampler.generate(prompt_ids, n, params, seeds=seeds, **extra)
         flat = [c for group in outs for c in group]
         scores = verifier.score([c.text for c in flat], [a for a in answers for _ in range(n)])
         return flat, scores
 
     flat, scores = run(1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), None)
-    rows = [sample_record(step, prompt=examples[i].prompt, response=c.text, extracted=s.extracted,
+    rows = [sample_record(step, prompt=display_prompt(examples[i].prompt), response=c.text, extracted=s.extracted,
                           gold=examples[i].answer, reward=s.reward, status=s.status,
                           truncated=c.finish_reason == "length")
             for i, c, s in zip(mine, flat, scores)]

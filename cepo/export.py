@@ -73,7 +73,13 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def export_hf(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True) -> Path:
+PROCESSOR_FILES = ("processor_config.json", "video_preprocessor_config.json")
+"""Processor files of a vision-language checkpoint copied into the export as they are (the
+image processor itself is saved from the run's, with its pixel bounds)."""
+
+
+def export_hf(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True,
+              image_processor=None, source_dir: str | Path | None = None) -> Path:
     """Write the model in Hugging Face layout (safetensors), atomically; collective.
 
     ``model`` is the trainer's root module (``.lm`` is the Hugging Face or peft model) or
@@ -85,8 +91,11 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True)
     (``cepo.weight_sync.merge_lora_weight``, as for the sampler) so that
     ``from_pretrained(out_dir)`` is the trained model; with ``merge_lora=False`` the
     adapter alone is written in peft's layout (``adapter_config.json`` +
-    ``adapter_model.safetensors``). Written into ``<out_dir>.tmp`` and renamed. Returns
-    ``out_dir`` on every rank.
+    ``adapter_model.safetensors``). Vision-language models: ``image_processor`` is saved
+    too (preprocessor_config.json) and the other processor files of ``source_dir``
+    (PROCESSOR_FILES) are copied, so ``AutoModelForImageTextToText`` /
+    ``AutoProcessor.from_pretrained(out_dir)`` load the export. Written into
+    ``<out_dir>.tmp`` and renamed. Returns ``out_dir`` on every rank.
     """
     out_dir = Path(out_dir)
     lm = getattr(model, "lm", model)
@@ -124,6 +133,12 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True)
             lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
+        if source_dir is not None:
+            for name in PROCESSOR_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copyfile(Path(source_dir) / name, tmp / name)
         _fsync_dir(tmp)
         _replace_dir(tmp, out_dir)
 

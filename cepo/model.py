@@ -25,11 +25,15 @@ def check_supported(config, model: nn.Module | None = None) -> None:
     config: a transformers PretrainedConfig. model (optional): the loaded causal LM, to
     also check that its LM head has no bias (not visible in the config alone).
     """
+    from cepo.vision import VL_MODEL_TYPES
+
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type in VL_MODEL_TYPES:  # the head reads the language model's hidden states
+        config = config.text_config
+    elif model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model: model_type {model_type!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (others need a check that their "
-                         "logits are exactly hidden @ lm_head.weight.T)")
+                         f"{', '.join(SUPPORTED_MODEL_TYPES + VL_MODEL_TYPES)} (others need a "
+                         "check that their logits are exactly hidden @ lm_head.weight.T)")
     for attr in ("final_logit_softcapping", "attn_logit_softcapping"):
         value = getattr(config, attr, None)
         if value:
@@ -92,12 +96,16 @@ def check_attn_implementation(attn_implementation: str, compute_dtype: torch.dty
 
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32,
                    attn_implementation: str | None = None) -> nn.Module:
-    """Load a local Hugging Face causal LM directory (safetensors only; never the hub).
+    """Load a local Hugging Face causal LM directory (safetensors only; never the hub); a
+    Qwen3-VL / Qwen2.5-VL checkpoint (detected from its config) loads with
+    ``AutoModelForImageTextToText``.
 
     The config is checked (check_supported) before any weight is read, the LM head
     after. Returns the model in eval mode as transformers leaves it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from cepo.vision import VL_MODEL_TYPES
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -113,7 +121,9 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32,
                                 "model.save_pretrained(dir, safe_serialization=True)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = (AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES
+            else AutoModelForCausalLM)
+    model = auto.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
         local_files_only=True)
     check_supported(model.config, model)
@@ -216,12 +226,28 @@ def body_hidden_states(body: nn.Module, batch: PackedBatch) -> torch.Tensor:
         raise ValueError(f"body_hidden_states: cu_seqlens / seq_lens cover "
                          f"{int(batch.cu_seqlens[-1])} / {sum(batch.seq_lens)} tokens, the row "
                          f"has {batch.num_tokens} (use pack_sequences)")
-    if getattr(body.config, "_attn_implementation", None) == "sdpa":
-        # SDPA per sequence (cepo.varlen_attention): sum_i L_i^2 scores instead of T^2
-        with varlen_attention.packed_forward(body.config):
-            out = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       use_cache=False, cepo_seq_bounds=[0, *itertools.accumulate(batch.seq_lens)])
-        return out.last_hidden_state[0]
+    compute_dtype = body.get_input_embeddings().weight.dtype
+    out = run_packed(body, batch, compute_dtype, input_ids=batch.input_ids,
+                     position_ids=batch.position_ids)
+    return out.last_hidden_state[0]
+
+
+def run_packed(module: nn.Module, batch: PackedBatch, compute_dtype: torch.dtype, **inputs):
+    """``module(**inputs)`` on one packed row (a decoder body, or a vision-language model's
+    language model), attention confined to each sequence of ``batch``, no cache.
+
+    "sdpa" (the default) runs attention per sequence (cepo.varlen_attention: no T x T
+    mask); the other implementations get the boundaries from packed_attention_kwargs.
+    compute_dtype: the dtype attention scores are computed in: the embedding's, which
+    under an FSDP2 mixed-precision policy is the unsharded (bf16) parameter during the
+    forward.
+    """
+    if getattr(module.config, "_attn_implementation", None) == "sdpa":
+        with varlen_attention.packed_forward(module.config):
+            return module(**inputs, use_cache=False,
+                          cepo_seq_bounds=[0, *itertools.accumulate(batch.seq_lens)])
+    return module(**inputs, use_cache=False,
+                  **packed_attention_kwargs(module.config, batch, compute_dtype))
     # the dtype attention scores are computed in: the embedding's, which under an FSDP2
     # mixed-precision policy is the unsharded (bf16) parameter during the forward
     compute_dtype = body.get_input_embeddings().weight.dtype

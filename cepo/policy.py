@@ -36,16 +36,38 @@ class FusedHeadPolicy(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return hf_model_utils.lm_head_weight(self.base)
 
-    def forward(self, batch: PackedBatch, index: torch.Tensor, targets: torch.Tensor | None = None,
-                ppo: dict | None = None, distill: dict | None = None):
+    @property
+    def is_vl(self) -> bool:
+        """True for a vision-language policy (Qwen3-VL / Qwen2.5-VL)."""
+        from cepo.vision import is_vl_model
+        return is_vl_model(self.base)
+
+    def forward(self, batch: PackedBatch | None, index: torch.Tensor | None,
+                targets: torch.Tensor | None = None, ppo: dict | None = None,
+                distill: dict | None = None, *, images: list | None = None,
+                encoded: dict | None = None, encode: list | None = None):
         """hidden [M, H] at ``index`` (rows predicting response tokens), or, with ``ppo``
         (keyword arguments of fused_linear_ppo_loss besides hidden/weight/targets),
         (loss, PPOStats) of those tokens. With ``distill`` (OPSD / SDPO: ``h_teacher`` [M, H],
         ``coef`` and the other keywords of fused_linear_self_distill_loss) the same hidden
         states also feed the self-distillation loss: (coef * distill_loss + pg_coef *
         ppo_loss, ...) as a ``SelfDistillOutput``, ``ppo`` then optional and carrying
-        its weight as ``coef``."""
-        hidden = hf_model_utils.body_hidden_states(hf_model_utils.decoder_body(self.base), batch)
+        its weight as ``coef``.
+
+        Vision-language policies (cepo.vision): ``images`` holds each packed sequence's
+        ``ImageInputs`` (None: text only); ``encoded`` their embeddings computed earlier
+        in the pass, or None to run the vision tower here on the micro-batch's distinct
+        images (a trainable tower). ``encode=[ImageInputs, ...]`` instead returns
+        ``cepo.vision.encode_images`` of them (inside the root forward, so FSDP2 gathers
+        the tower's parameters)."""
+        if encode is not None:
+            from cepo.vision import encode_images
+            return encode_images(self.base, encode)
+        if self.is_vl:
+            hidden = self._vl_hidden(batch, images, encoded)
+        else:
+            hidden = hf_model_utils.body_hidden_states(hf_model_utils.decoder_body(self.base),
+                                                       batch)
         if not torch.isfinite(hidden).all():
             raise FloatingPointError(
                 "non-finite hidden states from the decoder body: the model diverged or its "
@@ -56,6 +78,20 @@ class FusedHeadPolicy(nn.Module):
         if ppo is None:
             return h
         return ck.fused_linear_ppo_loss(h, self.head_weight(), targets, **ppo)
+
+    def _vl_hidden(self, batch, images, encoded):
+        from cepo.vision import encode_images, packed_hidden_states
+
+        images = list(images) if images is not None else [None] * batch.num_sequences
+        anchor = None
+        if encoded is None:  # every micro-batch runs the tower once (dummy image if none)
+            encoded = encode_images(self.base, [im for im in images if im is not None])
+            if "__dummy__" in encoded and torch.is_grad_enabled():
+                anchor = sum(e.sum() + sum(d.sum() for d in ds)
+                             for e, ds in encoded["__dummy__"])
+        # anchor: zero, but every tower parameter gets its (zero) gradient, in the order a
+        # real image's backward would give (packed_hidden_states)
+        return packed_hidden_states(self.base, batch, images, encoded, anchor=anchor)
 
 
 class SelfDistillOutput(NamedTuple):
@@ -127,14 +163,23 @@ def shard(policy: FusedHeadPolicy, device: torch.device, *, bf16: bool, cpu_offl
         kwargs["offload_policy"] = root_kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(policy.base):
         fully_shard(layer, **kwargs)
+    if policy.is_vl:  # the vision blocks too; patch embedding and mergers stay in the root
+        from cepo.vision import vision_tower
+        for block in vision_tower(policy.base).blocks:
+            fully_shard(block, **kwargs)
     fully_shard(policy, **root_kwargs)
     return policy
 
 
 def apply_lora(lm: nn.Module, rank: int, alpha: int, target_modules: list[str]) -> nn.Module:
-    """Wrap with a peft LoRA adapter (dropout 0: RL log-probs must be deterministic)."""
+    """Wrap with a peft LoRA adapter (dropout 0: RL log-probs must be deterministic). A
+    vision-language model gets adapters in its language model only."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
+    from cepo.vision import is_vl_model, language_lora_targets
+
+    targets = (language_lora_targets(list(target_modules)) if is_vl_model(lm)
+               else list(target_modules))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(lm, config)

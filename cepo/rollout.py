@@ -61,12 +61,15 @@ def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: l
 
     prompt_ids: the rendered prompts (``cepo.contexts.render_prompt``); seeds: one per
     prompt, derived from its global position in the step (``seeds[g]`` also seeds the
-    random wrong-answer choice of group g). A group is sent to the verifier (one
-    background thread driving its worker processes) as soon as the sampler reports it
-    done (``on_prompt_done``), so scoring overlaps the generation still under way;
-    ``score_seconds`` is the wait for scores after generation ended.
+    random wrong-answer choice of group g). Examples carrying images (``ex.vision``,
+    cepo.vision) send them to the sampler with their prompt (``images=``). A group is sent
+    to the verifier (one background thread driving its worker processes) as soon as the
+    sampler reports it done (``on_prompt_done``), so scoring overlaps the generation still
+    under way; ``score_seconds`` is the wait for scores after generation ended.
     """
     t0 = time.perf_counter()
+    images = [getattr(ex, "vision", None) for ex in examples]
+    extra = {"images": images} if any(im is not None for im in images) else {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cepo-score") as scoring:
         pending: dict[int, Future] = {}
 
@@ -75,7 +78,8 @@ def sample_groups(examples: list[Example], prompt_ids: list[list[int]], seeds: l
                                         [examples[p].answer] * len(group))
 
         completions = (sampler.generate(prompt_ids, group_size, params, seeds=seeds,
-                                        on_prompt_done=score_group) if examples else [])
+                                        on_prompt_done=score_group, **extra)
+                       if examples else [])
         t1 = time.perf_counter()
         for p, group in enumerate(completions):  # an engine that did not call back
             if p not in pending:
@@ -126,6 +130,7 @@ class TrainItem:
     sampler_logprobs: list[float] | None = None  # the sampler's, when asked (sync check)
     teacher_ids: list[int] | None = None  # opsd / sdpo: the self-teacher's context (None: not
                                           # distilled); cepo.self_distill
+    vision: object = None         # the prompt's cepo.vision.ImageInputs (multimodal), or None
 
 
 def train_items(groups: Groups, *, build_contexts, with_teachers: bool,
@@ -147,7 +152,8 @@ def train_items(groups: Groups, *, build_contexts, with_teachers: bool,
         wrong = neg_hints if algo == "cepo" else [None] * len(groups.examples)
         _, pos, neg = build_contexts([e.prompt for e in groups.examples], pos_hints, wrong)
     return [TrainItem(r.prompt_ids, pos[r.group] if pos else None, neg[r.group] if neg else None,
-                      r.response_ids, r.advantage, r.correct, r.sampler_logprobs)
+                      r.response_ids, r.advantage, r.correct, r.sampler_logprobs,
+                      vision=getattr(groups.examples[r.group], "vision", None))
             for r in keep]
 
 

@@ -86,28 +86,82 @@ def _padding_turn(pad_id: int, device: torch.device):
     return batch.to(device), index.to(device), targets.to(device)
 
 
+class PassImages:
+    """The images of a pass over a vision-language policy: one ``ImageInputs`` (or None)
+    per rollout, shared by all of the rollout's contexts. When the vision tower is frozen
+    (or the pass has no gradient) the distinct images are encoded ONCE for the whole
+    pass, every rank calling the tower once (``encoded``); a trainable tower runs per
+    micro-batch instead, on that micro-batch's distinct images (``encoded`` None).
+
+    cache: a dict kept for one step (``image_cache`` of the step functions): the first
+    pass of a model encodes, its later passes in the step reuse the embeddings, so a
+    frozen tower runs once per step. Every rank decides alike (a rank's later passes
+    use a subset of its first pass's images), so the tower's collectives match."""
+
+    def __init__(self, policy, per_rollout: list, *, precompute: bool,
+                 cache: dict | None = None):
+        self.per_rollout = per_rollout
+        self.encoded = None
+        if precompute:
+            keys = {im.key for im in per_rollout if im is not None}
+            cached = cache.get(id(policy)) if cache is not None else None
+            if cached is not None and keys <= cached.keys():
+                self.encoded = cached  # this step's first pass encoded them (every rank)
+                return
+            with torch.no_grad():
+                self.encoded = policy(None, None, encode=[im for im in per_rollout
+                                                          if im is not None])
+            if cache is not None:
+                cache[id(policy)] = self.encoded
+
+    def kwargs(self, rollouts: list[int]) -> dict:
+        """Keyword arguments of the policy forward for sequences of these rollouts."""
+        return dict(images=[self.per_rollout[r] for r in rollouts], encoded=self.encoded)
+
+    def padding_kwargs(self) -> dict:
+        return dict(images=None, encoded=self.encoded)
+
+
+def _vision_trainable(policy) -> bool:
+    from cepo.vision import vision_tower
+    return any(p.requires_grad for p in vision_tower(policy.base).parameters())
+
+
+def _pass_images(policy, images, *, grad: bool, cache: dict | None = None) -> PassImages | None:
+    if images is None:
+        return None
+    return PassImages(policy, images, precompute=not (grad and _vision_trainable(policy)),
+                      cache=cache)
+
+
 @torch.no_grad()
 def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
                           responses: Responses, *, token_budget: int, pad_id: int,
-                          device: torch.device) -> dict[str, torch.Tensor]:
+                          device: torch.device, images: list | None = None,
+                          image_cache: dict | None = None) -> dict[str, torch.Tensor]:
     """[N, H] hidden states predicting each response token, per named context, from ONE
     packed pass over all (context, response) sequences.
 
     contexts: name -> one context (token ids) per rollout, or None where that rollout
     does not need this context (its rows stay 0). Every name gets an [N, H] tensor in
-    canonical order.
+    canonical order. images (vision-language policies): one ``cepo.vision.ImageInputs``
+    (or None) per rollout, the same for every context of the rollout; each distinct
+    image is encoded once for the whole pass, or once per step with ``image_cache``
+    (``PassImages``).
     """
     sequences = [Sequence(ctx, i, name) for name, per_rollout in contexts.items()
                  for i, ctx in enumerate(per_rollout) if ctx is not None]
     out: dict[str, torch.Tensor] = {}
-    hdim = policy.base.config.hidden_size
+    hdim = policy.base.config.get_text_config().hidden_size
+    vis = _pass_images(policy, images, grad=False, cache=image_cache)
     for item in micro_batches(sequences, responses, token_budget, device):
         if item is None:
             batch, index, _ = _padding_turn(pad_id, device)
-            policy(batch, index)
+            policy(batch, index, **(vis.padding_kwargs() if vis else {}))
             continue
         members, batch, index = item
-        h = policy(batch, index)
+        extra = vis.kwargs([sequences[j].rollout for j in members]) if vis else {}
+        h = policy(batch, index, **extra)
         if not out:
             out = {name: h.new_zeros(responses.num_tokens, hdim) for name in contexts}
         start = 0
@@ -141,7 +195,8 @@ class unsharded:
 def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Responses,
              advantages: torch.Tensor, has_negative: torch.Tensor, *, lam: float, eps_w: float,
              temperature: float, token_budget: int, pad_id: int,
-             device: torch.device, teacher=None) -> ck.Evidence:
+             device: torch.device, teacher=None, images: list | None = None,
+             image_cache: dict | None = None) -> ck.Evidence:
     """docs/algorithm.md steps 2-5: one packed no-grad pass over the contexts the step
     needs, then one contrastive_evidence call.
 
@@ -159,7 +214,8 @@ def evidence(policy, contexts: dict[str, list[list[int] | None]], responses: Res
             eps_w=eps_w, temperature=temperature, token_budget=token_budget, pad_id=pad_id,
             device=device)
     h = context_hidden_states(policy, contexts, responses, token_budget=token_budget,
-                              pad_id=pad_id, device=device)
+                              pad_id=pad_id, device=device, images=images,
+                              image_cache=image_cache)
     with unsharded(policy), torch.no_grad():
         weight = policy.head_weight()
         h = {k: v.to(weight.dtype) for k, v in h.items()}
@@ -203,10 +259,12 @@ def _evidence_with_teacher(policy, teacher, contexts, responses: Responses,
 @torch.no_grad()
 def policy_logprobs(policy, policy_ctx: list[list[int]], responses: Responses, *,
                     temperature: float, token_budget: int, pad_id: int,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, images: list | None = None,
+                    image_cache: dict | None = None) -> torch.Tensor:
     """[N] log-probs of the responses under ``policy`` (old log-probs, or a reference)."""
     h = context_hidden_states(policy, {"policy": policy_ctx}, responses,
-                              token_budget=token_budget, pad_id=pad_id, device=device)["policy"]
+                              token_budget=token_budget, pad_id=pad_id, device=device,
+                              images=images, image_cache=image_cache)["policy"]
     with unsharded(policy):
         weight = policy.head_weight()
         return ck.fused_logprobs(h.to(weight.dtype), weight, responses.targets.to(device),
@@ -256,7 +314,8 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
                clip_low: float, clip_high: float, temperature: float, kl_coef: float,
                token_budget: int, pad_id: int, device: torch.device,
                token_weights: torch.Tensor | None = None, clip_dual: float | None = None,
-               distill: DistillSpec | None = None) -> UpdateResult:
+               distill: DistillSpec | None = None, images: list | None = None,
+               image_cache: dict | None = None) -> UpdateResult:
     """Forward + backward of the fused PPO loss over the given rollouts (one mini-batch).
 
     The loss of each micro-batch is divided by the global number of tokens of the
@@ -266,6 +325,7 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     then the global number of sequences) and ``clip_dual`` go to fused_linear_ppo_loss
     when given. ``distill`` (OPSD / SDPO): the self-distillation loss on the same student
     forward, plus the PPO term weighted by its pg_coef when that is > 0.
+    images: as in ``context_hidden_states`` (one per rollout of ``policy_ctx``).
     """
     picked = responses.positions(rollout_indices)
     local = Responses.of([responses.response_ids[i] for i in rollout_indices])
@@ -278,13 +338,16 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     stat_names = UPDATE_STATS + (("clip_frac_dual",) if clip_dual is not None else ())
     result = UpdateResult(0.0, 0.0, {k: 0.0 for k in stat_names},
                           torch.full((responses.num_tokens,), float("nan")))
+    # all of the rank's images (not only this mini-batch's): the step's first pass then
+    # encodes the same set on every mini-batch split, and later ones reuse it alike
+    vis = _pass_images(policy, images, grad=True, cache=image_cache)
     for item in micro_batches(sequences, local, token_budget, device):
         if item is None:  # zero weight on the one token: loss exactly 0, zero gradients
             batch, index, targets = _padding_turn(pad_id, device)
             none = torch.zeros(1, device=device)
             loss, _ = policy(batch, index, targets, ppo=dict(
                 old_logprobs=None, token_advantages=none, mask=none.bool(), normalizer=1.0,
-                temperature=temperature))
+                temperature=temperature), **(vis.padding_kwargs() if vis else {}))
             (loss * world_size).backward()
             continue
         members, batch, index = item
@@ -300,12 +363,14 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
             ppo["token_weights"] = weights[pos]
         if clip_dual is not None:
             ppo["clip_dual"] = clip_dual
+        image_kwargs = (vis.kwargs([rollout_indices[sequences[j].rollout] for j in members])
+                        if vis else {})
         if distill is None:
-            loss, stats = policy(batch, index, targets, ppo=ppo)
+            loss, stats = policy(batch, index, targets, ppo=ppo, **image_kwargs)
             logprobs = stats.logprobs
         else:
             out = _distill_forward(policy, batch, index, targets, ppo, distill, on[pos],
-                                   temperature)
+                                   temperature, image_kwargs)
             loss, stats, logprobs = out.loss, out.ppo_stats, out.distill_stats.logprobs
             result.distill_loss += float(out.distill_loss)
         (loss * world_size).backward()
@@ -322,7 +387,7 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
 
 
 def _distill_forward(policy, batch, index, targets, ppo: dict, spec: DistillSpec,
-                     rows: torch.Tensor, temperature: float):
+                     rows: torch.Tensor, temperature: float, image_kwargs: dict):
     """One micro-batch of OPSD / SDPO through the root forward: a ``SelfDistillOutput``.
     ``rows``: the micro-batch's tokens on the canonical axis."""
     device = targets.device
@@ -336,4 +401,4 @@ def _distill_forward(policy, batch, index, targets, ppo: dict, spec: DistillSpec
         ppo = dict(ppo, mask=spec.pg_mask.to(device)[rows], coef=spec.pg_coef)
     else:
         ppo = None
-    return policy(batch, index, targets, ppo=ppo, distill=distill)
+    return policy(batch, index, targets, ppo=ppo, distill=distill, **image_kwargs)

@@ -22,7 +22,7 @@ import torch
 import cepo_kernels as ck
 from cepo import distributed as dist_utils
 from cepo.algorithms import lambda_at
-from cepo.build import (build_optimizer, build_policy, build_reference, build_sampler,
+from cepo.build import (build_image_preparer, build_optimizer, build_policy, build_reference, build_sampler,
                         drop_long_prompts, load_datasets, load_tokenizer, sync_sampler,
                         warn_about_settings)
 from cepo.config import TrainConfig, parse_config
@@ -40,6 +40,7 @@ from cepo.step import (DistillSpec, Responses, context_hidden_states, evidence, 
 from cepo.hints import teacher_hints
 from cepo.teacher import build_teacher
 from cepo.step_metrics import REDUCTIONS, STATUS_PREFIX, TIME_PREFIX, StepMetrics
+from cepo.vision import display_prompt
 
 log = logging.getLogger("cepo")
 
@@ -73,6 +74,22 @@ class Run:
     teacher: object | None = None    # cepo.teacher.Teacher (None: the policy scores teachers)
     watch: LauncherWatch = field(default_factory=LauncherWatch)
     bad_steps: int = 0               # consecutive steps with a non-finite loss / grad norm
+    preparer: object = None          # vision-language models: cepo.vision.ImagePreparer
+    image_cache: dict = field(default_factory=dict)  # this step's image embeddings, per model
+
+    def prepare(self, examples: list[Example]) -> list[Example]:
+        """Multimodal examples with their images processed and placeholders expanded
+        (cepo.vision); text examples as they are."""
+        if self.preparer is None:
+            return examples
+        return [self.preparer.prepare(ex) for ex in examples]
+
+    def images(self, items) -> dict:
+        """Keyword arguments of the step passes for the items' images: each item's
+        ``ImageInputs`` and the step's embedding cache; {} for a text model."""
+        if self.preparer is None:
+            return {}
+        return dict(images=[it.vision for it in items], image_cache=self.image_cache)
 
     def render(self, prompt: str) -> list[int]:
         """The policy context of a prompt, as the sampler sees it."""
@@ -102,6 +119,7 @@ def sample_and_score(run: Run, step: int, m: StepMetrics) -> Groups:
     cfg, info = run.cfg, run.info
     examples, seeds = step_prompts(run.train, step, prompts_per_step=cfg.prompts_per_step,
                                    seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    examples = run.prepare(examples)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_new_tokens, return_logprobs=cfg.logprob_check)
     groups = sample_groups(examples, [run.render(e.prompt) for e in examples], seeds,
@@ -151,7 +169,8 @@ def score_evidence(run: Run, items: list[TrainItem], resp: Responses, lam: float
                   lam=lam, eps_w=cfg.eps_w, temperature=cfg.temperature,
                   token_budget=cfg.token_budget, pad_id=run.tokenizer.pad_token_id,
                   device=run.info.device,
-                  teacher=run.teacher.model if run.teacher is not None else None)
+                  teacher=run.teacher.model if run.teacher is not None else None,
+                  **run.images(items))
     d = ev.delta.abs().float().cpu()
     correct = per_token([it.correct for it in items], lengths, torch.bool)
     if correct.any():
@@ -201,7 +220,7 @@ def update(run: Run, items: list[TrainItem], resp: Responses, token_adv: torch.T
                           clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           temperature=cfg.temperature, kl_coef=cfg.kl_coef,
                           token_budget=cfg.token_budget, pad_id=run.tokenizer.pad_token_id,
-                          device=device, **extra)
+                          device=device, **extra, **run.images(items))
         if k == 0 and old_lp is None:  # before any optimizer step: the sampled weights
             trainer_lp = part.logprobs
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0
@@ -286,6 +305,7 @@ def train_step(run: Run, step: int) -> dict:
 
     # sample -> score -> advantages (and the wrong-answer hints)
     groups = sample_and_score(run, step, m)
+    run.image_cache.clear()  # embeddings are reused within a step only
 
     # contexts: rollouts with A != 0 (OPSD / SDPO: the distilled ones), balanced over ranks
     use_teachers = cfg.algo != "grpo" and lam > 0.0
@@ -330,11 +350,13 @@ def train_step(run: Run, step: int) -> dict:
     elif active and cfg.mini_batches > 1 and not (distilling and cfg.distill_pg_coef == 0):
         old_lp = policy_logprobs(run.policy, [it.policy_ids for it in items], resp,
                                  temperature=cfg.temperature, token_budget=cfg.token_budget,
-                                 pad_id=run.tokenizer.pad_token_id, device=device)
+                                 pad_id=run.tokenizer.pad_token_id, device=device,
+                                 **run.images(items))
     if active and run.reference is not None:
         ref_lp = policy_logprobs(run.reference, [it.policy_ids for it in items], resp,
                                  temperature=cfg.temperature, token_budget=cfg.token_budget,
-                                 pad_id=run.tokenizer.pad_token_id, device=device)
+                                 pad_id=run.tokenizer.pad_token_id, device=device,
+                                 **run.images(items))
     m.add("time_teacher", time.perf_counter() - t0)
 
     # update
@@ -415,7 +437,8 @@ def write_samples(run: Run, step: int, groups: Groups) -> None:
     cfg = run.cfg
     if not cfg.samples_every or (step + 1) % cfg.samples_every:
         return
-    rows = [sample_record(step + 1, prompt=groups.examples[r.group].prompt, response=r.text,
+    rows = [sample_record(step + 1, prompt=display_prompt(groups.examples[r.group].prompt),
+                          response=r.text,
                           extracted=r.extracted, gold=groups.examples[r.group].answer,
                           reward=r.reward, status=r.status, truncated=r.truncated,
                           advantage=r.advantage)
@@ -455,7 +478,7 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
 def run_evaluation(run: Run, step: int) -> dict:
     """Evaluate on the held-out set (collective); the responses go to eval_samples.jsonl."""
     cfg = run.cfg
-    metrics, rows = evaluate(run.evals, render=run.render, sampler=run.sampler,
+    metrics, rows = evaluate(run.prepare(run.evals), render=run.render, sampler=run.sampler,
                              verifier=run.verifier, info=run.info,
                              max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples,
                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
@@ -471,11 +494,14 @@ def setup(cfg: TrainConfig, info, out: Path) -> tuple[Run, dict]:
     from cepo.verifier import STATUSES, Verifier
 
     tokenizer = load_tokenizer(cfg)
+    preparer = build_image_preparer(cfg, tokenizer)
     train, evals = load_datasets(cfg)
     render = partial(render_prompt, tokenizer, system_prompt=cfg.system_prompt,
                      chat_template=cfg.chat_template)
-    train = drop_long_prompts(train, render, cfg.max_prompt_tokens, "training")
-    evals = drop_long_prompts(evals, render, cfg.max_prompt_tokens, "evaluation") if evals else []
+    prepare = preparer.prepare if preparer is not None else None
+    train = drop_long_prompts(train, render, cfg.max_prompt_tokens, "training", prepare)
+    evals = (drop_long_prompts(evals, render, cfg.max_prompt_tokens, "evaluation", prepare)
+             if evals else [])
     if info.is_main:
         warn_about_settings(cfg)
     policy = build_policy(cfg, info.device)
@@ -516,7 +542,7 @@ def setup(cfg: TrainConfig, info, out: Path) -> tuple[Run, dict]:
               eval_samples=writers[1],
               reference=(reference if reference is not None or cfg.kl_coef <= 0
                          else build_reference(cfg, info.device)),
-              verifier_statuses=tuple(STATUSES), teacher=teacher)
+              verifier_statuses=tuple(STATUSES), teacher=teacher, preparer=preparer)
     return run, state
 
 
@@ -607,7 +633,9 @@ def run(cfg: TrainConfig) -> dict:
     if run_.evals:
         run_.metrics_log.log(cfg.steps, after)
     if cfg.export:
-        export_hf(run_.policy, run_.tokenizer, out / "export")
+        export_hf(run_.policy, run_.tokenizer, out / "export",
+                  image_processor=run_.preparer.processor if run_.preparer else None,
+                  source_dir=cfg.model)
     peak = dist_utils.all_reduce_max_float(peak_memory_gb(info.device), info.device)
     summary = {"algo": cfg.algo, "accuracy_before": acc_before, "accuracy_after": acc_after,
                "mean_at_k_after": after.get("eval_mean_at_k"), "eval_samples": cfg.eval_samples,

@@ -293,8 +293,18 @@ class LLM:
         self.kwargs = kwargs
         self.calls: list[tuple] = [("init",)]
         self.llm_engine_touched = False
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
-                                                  local_files_only=True).eval()
+        from cepo.vision import is_vl_checkpoint
+
+        self.vl = is_vl_checkpoint(model)
+        if self.vl:  # vision-language: vLLM runs its own image processor on the images
+            from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+            hf = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32,
+                                                             local_files_only=True).eval()
+            self._image_processor = AutoImageProcessor.from_pretrained(model)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
+                                                      local_files_only=True).eval()
         # memory: the budget is taken at start-up; the KV cache fills what the weights leave
         budget = int(kwargs.get("gpu_memory_utilization", 0.9) * DEVICE.total)
         if budget > DEVICE.free():
@@ -321,11 +331,13 @@ class LLM:
         self._eos = self._tokenizer.eos_token_id  # vLLM's primary EOS: its tokenizer's
         gen_eos = GenerationConfig.from_pretrained(model).eos_token_id
         self._gen_stop = {gen_eos} if isinstance(gen_eos, int) else set(gen_eos or ())
-        self.max_model_len = kwargs.get("max_model_len") or hf.config.max_position_embeddings
+        self.max_model_len = (kwargs.get("max_model_len")
+                              or hf.config.get_text_config().max_position_embeddings)
         self._rng = torch.Generator().manual_seed(kwargs.get("seed", 0))
         ext = kwargs.get("worker_extension_cls")
         worker_cls = type("Worker", (_Worker, _resolve(ext)) if ext else (_Worker,), {})
-        self.worker = worker_cls(_Model(hf, bool(hf.config.tie_word_embeddings)))
+        self.worker = worker_cls(_Model(hf, bool(getattr(hf.config, "tie_word_embeddings",
+                                                         False))))
         self.awake = {"weights": True, "kv_cache": True}
         self._backup = None
 
@@ -401,8 +413,12 @@ class LLM:
         self.last_sampling_params = list(sps)
         version = self.worker.model_runner.get_model().version
         out = []
+        self.last_prompts = list(prompts)
         for i, (prompt, sp) in enumerate(zip(prompts, sps)):
             ids = [int(t) for t in prompt["prompt_token_ids"]]
+            vision = self._vision(ids, prompt.get("multi_modal_data"))
+            if vision is not None:
+                ids, vision = vision
             if len(ids) >= self.max_model_len:
                 raise ValueError(f"prompt of {len(ids)} tokens >= max_model_len")
             cached = self.prefix_cache.get(tuple(ids))
@@ -410,15 +426,58 @@ class LLM:
                 raise AssertionError("a prefix cached with older weights was reused: reset "
                                      "the prefix cache after a weight update")
             self.prefix_cache[tuple(ids)] = version
-            out.append(RequestOutput(str(i), ids, [self._sample(ids, sp, k) for k in range(sp.n)]))
+            out.append(RequestOutput(str(i), ids, [self._sample(ids, sp, k, vision)
+                                                   for k in range(sp.n)]))
         return out
 
-    def _sample(self, prompt: list[int], sp: SamplingParams, index: int) -> CompletionOutput:
+    def _vision(self, ids: list[int], mm_data):
+        """vLLM's multimodal input processing: the prompt holds ONE image token per image
+        (vLLM expands it to the image's token count, as here); None without images."""
+        if not mm_data:
+            return None
+        if not self.vl:
+            raise ValueError("multi_modal_data given to a text-only model")
+        images = mm_data.get("image")
+        images = images if isinstance(images, list) else [images]
+        image_id = self._hf.config.image_token_id
+        if ids.count(image_id) != len(images):
+            raise ValueError(f"the prompt holds {ids.count(image_id)} image tokens for "
+                             f"{len(images)} images: vLLM wants one placeholder per image "
+                             "(it expands them itself)")
+        out = self._image_processor(images=images, return_tensors="pt")
+        counts = (out["image_grid_thw"].prod(-1) // self._image_processor.merge_size ** 2)
+        expanded, k = [], 0
+        for t in ids:
+            if t == image_id:
+                expanded += [image_id] * int(counts[k])
+                k += 1
+            else:
+                expanded.append(t)
+        return expanded, dict(pixel_values=out["pixel_values"],
+                              image_grid_thw=out["image_grid_thw"], n_prompt=len(expanded))
+
+    def _forward_logits(self, ids: list[int], vision) -> torch.Tensor:
+        x = torch.tensor([ids])
+        if vision is None:
+            return self._hf(x).logits[0, -1].float()
+        # one sequence through cepo.vision's packed forward (a sampled <|image_pad|> in the
+        # response is text there, as in a real engine's decode), on this engine's own
+        # processing of the images it was given
+        from cepo.packing import pack_sequences
+        from cepo.vision import ImageInputs, encode_images, packed_hidden_states
+
+        im = ImageInputs("fake", vision["pixel_values"].float(), vision["image_grid_thw"])
+        h = packed_hidden_states(self._hf, pack_sequences([ids]), [im],
+                                 encode_images(self._hf, [im]))
+        return self._hf.lm_head(h[-1]).float()
+
+    def _sample(self, prompt: list[int], sp: SamplingParams, index: int,
+                vision=None) -> CompletionOutput:
         rng = self._rng if sp.seed is None else torch.Generator().manual_seed(sp.seed + index)
         greedy = sp.temperature < _SAMPLING_EPS
         tokens, logprobs, reason, stop_reason = [], [], None, None
         while reason is None:
-            logits = self._hf(torch.tensor([prompt + tokens])).logits[0, -1].float()
+            logits = self._forward_logits(prompt + tokens, vision)
             if not greedy:
                 logits = top_k_top_p(logits / sp.temperature, sp.top_k, sp.top_p)
             lp = logits.log_softmax(-1)

@@ -173,9 +173,9 @@ def test_prompt_done_fires_between_micro_batches(engine, monkeypatch):
     events = []
     real = sampler._generate_batch
 
-    def batch(prompts, keys, params):
+    def batch(prompts, keys, params, *images):
         events.append(("batch", len(prompts)))
-        return real(prompts, keys, params)
+        return real(prompts, keys, params, *images)
 
     monkeypatch.setattr(sampler, "_generate_batch", batch)
     prompts = prompt_ids(tok, "a", "bb", "ccc")  # 3 prompts x 2 samples, 4 rows per batch

@@ -102,7 +102,12 @@ class HFEngine(Sampler):
             source_gen = model.generation_config
             self.model = self._copy_model(model, self.device, dtype)
         elif isinstance(model, (str, os.PathLike)):
-            self.model = AutoModelForCausalLM.from_pretrained(
+            from transformers import AutoModelForImageTextToText
+
+            from cepo.vision import is_vl_checkpoint
+            auto = (AutoModelForImageTextToText if is_vl_checkpoint(model)
+                    else AutoModelForCausalLM)
+            self.model = auto.from_pretrained(
                 str(model), dtype=dtype or torch.float32, use_safetensors=True,
                 local_files_only=True).to(self.device)
             source_gen = self.model.generation_config
@@ -175,7 +180,8 @@ class HFEngine(Sampler):
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], n: int, params: SamplingParams,
                  seeds: list[int] | None = None,
-                 on_prompt_done: PromptDone | None = None) -> list[list[Completion]]:
+                 on_prompt_done: PromptDone | None = None,
+                 images: list | None = None) -> list[list[Completion]]:
         """``n`` completions per prompt ([P][n]); see ``Sampler.generate``.
 
         One batched generation over every (prompt, sample) row, in micro-batches of at
@@ -187,8 +193,14 @@ class HFEngine(Sampler):
         Greedy decoding generates each prompt once and copies it n times.
         ``on_prompt_done`` is called after the micro-batch that completes a prompt, so
         scoring overlaps the micro-batches still to come.
+        images (vision-language models): one ``cepo.vision.ImageInputs`` (or None) per
+        prompt, whose ``<|image_pad|>`` tokens are already expanded in its token ids; each
+        row gets its prompt's pixels.
         """
         check_generate_args(prompt_token_ids, n, seeds)
+        if images is not None and len(images) != len(prompt_token_ids):
+            raise ValueError(f"generate: images must hold one entry per prompt, got "
+                             f"{len(images)} for {len(prompt_token_ids)} prompts")
         if not prompt_token_ids:
             return []
         copies = 1 if params.greedy else n
@@ -206,7 +218,8 @@ class HFEngine(Sampler):
             chunk = rows[start:start + self.max_batch_size]
             keys = None if per_prompt is None else [mix_seed(per_prompt[p], j) for p, j in chunk]
             batch = self._generate_batch([list(prompt_token_ids[p]) for p, _ in chunk], keys,
-                                         params)
+                                         params, None if images is None
+                                         else [images[p] for p, _ in chunk])
             done = []
             for (p, j), comp in zip(chunk, batch):
                 comp.prompt_index = p
@@ -221,8 +234,18 @@ class HFEngine(Sampler):
                     on_prompt_done(p, results[p])
         return results
 
+    def _vision_kwargs(self, ids: torch.Tensor, images: list | None) -> dict:
+        """pixel_values / image_grid_thw / mm_token_type_ids of a left-padded batch."""
+        if images is None or all(im is None for im in images):
+            return {}
+        present = [im for im in images if im is not None]
+        image_id = self.model.config.image_token_id
+        return dict(pixel_values=torch.cat([im.pixel_values for im in present]).to(self.device),
+                    image_grid_thw=torch.cat([im.grid_thw for im in present]).to(self.device),
+                    mm_token_type_ids=(ids == image_id).int().to(self.device))
+
     def _generate_batch(self, prompts: list[list[int]], row_keys: list[int] | None,
-                        params: SamplingParams) -> list[Completion]:
+                        params: SamplingParams, images: list | None = None) -> list[Completion]:
         from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper,
                                   TopKLogitsWarper, TopPLogitsWarper)
 
@@ -249,7 +272,8 @@ class HFEngine(Sampler):
         processors.append(sampler)
         out = self.model.generate(input_ids=ids.to(self.device),
                                   attention_mask=mask.to(self.device),
-                                  generation_config=config, logits_processor=processors)
+                                  generation_config=config, logits_processor=processors,
+                                  **self._vision_kwargs(ids, images))
         new = out.sequences[:, width:].cpu()
         logprobs = sampler.result(new.shape[1]) if params.return_logprobs else None
         stop = set(self.stop_ids)

@@ -182,6 +182,7 @@ class VLLMEngine(Sampler):
         if _tied_embeddings(model_path) and len(embed) == 1:
             self._aliases["lm_head.weight"] = embed[0]
         self.stop_ids = checkpoint_stop_ids(model_path, tokenizer)
+        self.image_token_id = _read_json(Path(model_path) / "config.json").get("image_token_id")
         if not self.stop_ids:
             raise ValueError("VLLMEngine: the tokenizer has no eos_token_id and the model's "
                              "generation config names none; set tokenizer.eos_token")
@@ -257,7 +258,7 @@ class VLLMEngine(Sampler):
             logprobs=0 if params.return_logprobs else None, stop_token_ids=list(self.stop_ids))
 
     def generate(self, prompt_token_ids, n, params: SamplingParams, seeds=None,
-                 on_prompt_done=None):
+                 on_prompt_done=None, images=None):
         """``n`` completions per prompt ([P][n]); see ``Sampler.generate``.
 
         One ``llm.generate`` call for all prompts, one request per prompt with its own
@@ -274,8 +275,16 @@ class VLLMEngine(Sampler):
         response hit max_model_len) raises RuntimeError rather than break the "length"
         contract. ``llm.generate`` returns every request at once: ``on_prompt_done`` is
         called for each prompt after it, in prompt order (no overlap with scoring).
+
+        images (vision-language models): one ``cepo.vision.ImageInputs`` (or None) per
+        prompt. vLLM expands image placeholders itself, so a prompt goes in with each run
+        of ``<|image_pad|>`` cut to one id and its images (resized to their patch grids,
+        so vLLM's processor makes the trainer's patches) as ``multi_modal_data``.
         """
         check_generate_args(prompt_token_ids, n, seeds)
+        if images is not None and len(images) != len(prompt_token_ids):
+            raise ValueError(f"generate: images must hold one entry per prompt, got "
+                             f"{len(images)} for {len(prompt_token_ids)} prompts")
         if not prompt_token_ids:
             return []
         if self.sleep_level == 2:
@@ -296,7 +305,8 @@ class VLLMEngine(Sampler):
             self._synced = False
         self._wake("kv_cache")
         try:
-            requests = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+            requests = [self._request(ids, None if images is None else images[p])
+                        for p, ids in enumerate(prompt_token_ids)]
             outputs = self.llm.generate(requests, sps, use_tqdm=False)
         finally:
             self.llm.sleep(level=self.sleep_level)
@@ -318,6 +328,20 @@ class VLLMEngine(Sampler):
             for p, group in enumerate(results):
                 on_prompt_done(p, group)
         return results
+
+    def _request(self, ids, image_inputs) -> dict:
+        if image_inputs is None:
+            return {"prompt_token_ids": list(ids)}
+        from cepo.vision import collapse_image_tokens
+
+        if self.image_token_id is None:
+            raise ValueError("VLLMEngine: images given but the checkpoint's config.json has "
+                             "no image_token_id (not a vision-language model)")
+        if not image_inputs.images:
+            raise ValueError("VLLMEngine: ImageInputs without PIL images (prepare examples "
+                             "with cepo.vision.ImagePreparer)")
+        return {"prompt_token_ids": collapse_image_tokens(list(ids), self.image_token_id),
+                "multi_modal_data": {"image": list(image_inputs.images)}}
 
     def _completion(self, p: int, c, params: SamplingParams) -> Completion:
         ids = [int(t) for t in c.token_ids]

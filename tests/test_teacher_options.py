@@ -380,6 +380,9 @@ def test_lagged_teacher_is_sharded_and_saved_with_two_processes(tiny_dir, tmp_pa
     (["--algo", "sdpo", "--teacher", "lagged"], "teacher"),
     (["--algo", "sdpo", "--hint_source", "cot_prefix"], "hint_source"),
     (["--algo", "grpo", "--hint_source", "cot_suffix"], "hint_source"),
+    # a vision-language checkpoint: the teacher contexts would need its images
+    (["--model", str(TESTS.parent / "cepo/assets/tiny-vl"), "--algo", "opsd"], "algo"),
+    (["--model", str(TESTS.parent / "cepo/assets/tiny-vl"), "--teacher", "initial"], "teacher"),
 ])
 def test_bad_values_name_the_option(argv, field):
     with pytest.raises(ValueError, match=f"'{field}'"):

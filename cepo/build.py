@@ -30,26 +30,30 @@ def load_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
-def _builtin(split: str, n: int, seed: int) -> list[Example]:
+def _builtin(split: str, n: int, seed: int, n_ops: int | None = None) -> list[Example]:
     from cepo.arithmetic import make_split
     return [Example(r["prompt"], r["answer"], f"arithmetic-{split}[{i}]")
-            for i, r in enumerate(make_split(split, n, seed))]
+            for i, r in enumerate(make_split(split, n, seed, n_ops))]
 
 
 def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples: the built-in task's splits, or user files / datasets."""
+    """(train, eval) examples: the built-in task's splits (held out: ``cfg.eval_split``),
+    or user files / datasets."""
     def load(path):
         return load_examples(path, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                              on_bad_row=cfg.on_bad_row)
 
+    def held_out():
+        return _builtin(cfg.eval_split, cfg.num_eval, cfg.eval_seed, cfg.arith_ops)
+
     if cfg.train_data == BUILTIN_TASK:
-        train = _builtin("train", cfg.num_train, cfg.seed)
-        evals = (load(cfg.eval_data)[: cfg.num_eval] if cfg.eval_data
-                 else _builtin("test", cfg.num_eval, cfg.eval_seed))
+        train = _builtin("train", cfg.num_train, cfg.seed, cfg.arith_ops)
+        evals = (load(cfg.eval_data)[: cfg.num_eval]
+                 if cfg.eval_data and cfg.eval_data != BUILTIN_TASK else held_out())
         return train, evals
     train = load(cfg.train_data)
     if cfg.eval_data == BUILTIN_TASK:  # your training data, the built-in held-out set
-        return train, _builtin("test", cfg.num_eval, cfg.eval_seed)
+        return train, held_out()
     return train, load(cfg.eval_data)[: cfg.num_eval] if cfg.eval_data else []
 
 

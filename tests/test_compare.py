@@ -105,3 +105,22 @@ def test_end_to_end_tiny_budget(tmp_path):
     prompts = [json.loads(x)["prompt"] for x in
                (out / "runs" / "grpo-seed3" / "eval_samples.jsonl").read_text().splitlines()]
     assert len(prompts) >= 4 and {split_of(p) for p in prompts} == {"test"}
+
+
+def test_compare_reports_on_test_and_sweep_chooses_on_dev(tmp_path, monkeypatch):
+    """The trainer commands: compare passes --eval_split test (trainer options after -- can
+    still override it), the sweep --eval_split dev."""
+    from cepo import sweep
+
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append(cmd))
+    args, extra = compare._parse(["--algos", "grpo", "--", "--steps", "2"])
+    compare._run("grpo", 10, tmp_path / "a", args, extra, threads=1)
+    cmd = seen.pop()
+    assert cmd[cmd.index("--eval_split") + 1] == "test" and cmd[-2:] == ["--steps", "2"]
+    assert cmd[cmd.index("--dump_evidence") + 1] == "false"
+    compare._run("cepo", 10, tmp_path / "b", args, extra, threads=1)
+    assert seen.pop()[cmd.index("--dump_evidence") + 1] == "true"
+    sweep._run(tmp_path / "c", ["--algo", "cepo"], 0, 10, [])
+    cmd = seen.pop()
+    assert cmd[cmd.index("--eval_split") + 1] == "dev"

@@ -67,6 +67,34 @@ def _run(algo: str, seed: int, run_dir: Path, args, extra: list[str], threads: i
     return run_dir
 
 
+def run_all(jobs: list[tuple[str, int]], run_one, parallel: int) -> dict:
+    """{(algo, seed): run_one(algo, seed)}, ``parallel`` at a time, in the order given. A
+    failed run stops the comparison: runs not yet started are cancelled and the error
+    names the run and its log."""
+    import threading
+
+    stop = threading.Event()
+
+    def guarded(algo, seed):
+        if stop.is_set():  # an earlier run failed: do not start this one
+            return None
+        try:
+            return run_one(algo, seed)
+        except BaseException:
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {job: pool.submit(guarded, *job) for job in jobs}
+    for (algo, seed), future in futures.items():
+        if future.exception() is not None:
+            raise RuntimeError(f"compare: the {algo} run with seed {seed} failed "
+                               f"({future.exception()}); see its stdout.log. Runs not yet "
+                               "started were not started; finished ones are reused on a rerun"
+                               ) from future.exception()
+    return {job: future.result() for job, future in futures.items()}
+
+
 def split_trainer_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(this command's arguments, trainer options after ``--``)."""
     if "--" not in argv:
@@ -127,10 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     # OMP_NUM_THREADS when set (e.g. 1 on a shared machine), else the cores shared by the jobs
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) // args.jobs))
     jobs = [(a, s) for s in args.seeds for a in args.algos]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        dirs = dict(zip(jobs, pool.map(
-            lambda job: _run(job[0], job[1], out / "runs" / f"{job[0]}-seed{job[1]}", args, extra,
-                             threads), jobs)))
+    dirs = run_all(jobs, lambda algo, seed: _run(algo, seed, out / "runs" / f"{algo}-seed{seed}",
+                                                 args, extra, threads), args.jobs)
     wall = time.time() - t0
 
     raw = []

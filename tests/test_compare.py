@@ -124,3 +124,20 @@ def test_compare_reports_on_test_and_sweep_chooses_on_dev(tmp_path, monkeypatch)
     sweep._run(tmp_path / "c", ["--algo", "cepo"], 0, 10, [])
     cmd = seen.pop()
     assert cmd[cmd.index("--eval_split") + 1] == "dev"
+
+
+def test_a_failed_run_stops_the_comparison():
+    """The runs not yet started are cancelled and the error names the failed run."""
+    started = []
+
+    def run_one(algo, seed):
+        started.append((algo, seed))
+        if (algo, seed) == ("cepo", 1):
+            raise subprocess.CalledProcessError(1, "torchrun")
+        return f"{algo}-{seed}"
+
+    jobs = [(a, s) for s in (1, 2, 3) for a in ("grpo", "cepo")]
+    with pytest.raises(RuntimeError, match="the cepo run with seed 1 failed"):
+        compare.run_all(jobs, run_one, parallel=1)
+    assert started == [("grpo", 1), ("cepo", 1)]
+    assert compare.run_all(jobs[:1], run_one, 1) == {("grpo", 1): "grpo-1"}

@@ -30,10 +30,10 @@ def load_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
-def _builtin(split: str, n: int, seed: int) -> list[Example]:
+def _builtin(split: str, n: int, seed: int, n_ops: int | None = None) -> list[Example]:
     from cepo.arithmetic import make_split
     return [Example(r["prompt"], r["answer"], f"arithmetic-{split}[{i}]", r["solution"])
-            for i, r in enumerate(make_split(split, n, seed))]
+            for i, r in enumerate(make_split(split, n, seed, n_ops))]
 
 
 VISION_TASK = "builtin:vision_arithmetic"
@@ -41,7 +41,8 @@ VISION_TASK = "builtin:vision_arithmetic"
 
 
 def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples: the built-in task's splits, or user files / datasets."""
+    """(train, eval) examples: the built-in task's splits (held out: ``cfg.eval_split``),
+    or user files / datasets."""
     from cepo.vision import is_vl_checkpoint
 
     images = (dict(image_field=cfg.image_field, max_pixels=cfg.max_pixels)
@@ -52,21 +53,24 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
                              on_bad_row=cfg.on_bad_row, solution_field=cfg.solution_field,
                              **images)
 
+    def held_out():
+        return _builtin(cfg.eval_split, cfg.num_eval, cfg.eval_seed, cfg.arith_ops)
+
     if cfg.train_data == VISION_TASK:  # the arithmetic task in image form (tiny-vl.yaml)
         from cepo.vision_arith import examples as vision_examples
 
         train = vision_examples("train", cfg.num_train, cfg.seed)
         if cfg.eval_data in (None, VISION_TASK):
-            return train, vision_examples("test", cfg.num_eval, cfg.eval_seed)
+            return train, vision_examples(cfg.eval_split, cfg.num_eval, cfg.eval_seed)
         return train, load(cfg.eval_data)[: cfg.num_eval]
     if cfg.train_data == BUILTIN_TASK:
-        train = _builtin("train", cfg.num_train, cfg.seed)
-        evals = (load(cfg.eval_data)[: cfg.num_eval] if cfg.eval_data
-                 else _builtin("test", cfg.num_eval, cfg.eval_seed))
+        train = _builtin("train", cfg.num_train, cfg.seed, cfg.arith_ops)
+        evals = (load(cfg.eval_data)[: cfg.num_eval]
+                 if cfg.eval_data and cfg.eval_data != BUILTIN_TASK else held_out())
         return train, evals
     train = load(cfg.train_data)
     if cfg.eval_data == BUILTIN_TASK:  # your training data, the built-in held-out set
-        return train, _builtin("test", cfg.num_eval, cfg.eval_seed)
+        return train, held_out()
     return train, load(cfg.eval_data)[: cfg.num_eval] if cfg.eval_data else []
 
 

@@ -145,7 +145,18 @@ class TrainConfig:
     num_eval: int = 200
     """Held-out problems evaluated (built-in test split size, or the first N of eval_data)."""
     eval_seed: int = 0
-    """Seed of the built-in test split: fixed, so runs with different seeds share one eval set."""
+    """Seed of the built-in held-out split: fixed, so runs with different seeds share one eval set."""
+    eval_split: Literal["dev", "test"] = "dev"
+    """Which built-in held-out split is evaluated (when training on the built-in task without
+    --eval_data, or with --eval_data builtin:arithmetic): dev, for choosing settings (the
+    embedded default and the sweep report on it; it is the set called "test" before the
+    dev/test separation, so earlier results are dev figures), or test, which no setting was
+    chosen on (cepo.compare reports on it). See cepo.arithmetic."""
+    arith_ops: Optional[int] = None
+    """Operations per built-in problem (train and held-out): none = 2 or 3, the task the
+    shipped tiny model was trained on; 4-12 = the longer-problem setting (the shipped model
+    stops after 3 lines: it needs a model that writes longer solutions, and max_new_tokens
+    of about 12 per operation)."""
     system_prompt: Optional[str] = None
     """A system message put before every prompt (chat template) or above it (plain text)."""
     chat_template: bool = True
@@ -323,6 +334,8 @@ class TrainConfig:
                 "language model only")
         if self.temperature <= 0:
             bad("temperature", "must be > 0 for RL sampling")
+        if self.arith_ops is not None and not 1 <= self.arith_ops <= 12:
+            bad("arith_ops", "must be between 1 and 12 (or unset for the 2-3 operation task)")
         if self.model != TINY_MODEL and not os.path.isdir(self.model):
             bad("model", f"is not a local directory: {self.model!r} (models are never downloaded; "
                          "pass the path of a Hugging Face checkpoint)")

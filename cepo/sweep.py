@@ -11,6 +11,9 @@ labelled with its variant and seed). Extra
 trainer options after ``--`` go to every run (e.g. ``-- --steps 30``).
 
 The evaluation set is never changed: "harder task" changes the training prompts only.
+Settings are chosen here, so every run evaluates on the built-in task's dev split
+(``--eval_split dev``); ``python -m cepo.compare`` reports on the test split, which no
+sweep looks at.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def _run(run_dir: Path, args: list[str], seed: int, eval_every: int, extra: list
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            "--master_port", str(free_port()), "-m", "cepo.train", "--seed", str(seed),
            "--output_dir", str(run_dir), "--eval_every", str(eval_every), "--progress", "false",
-           "--checkpoint_every", "0", "--export", "false", *args, *extra]
+           "--checkpoint_every", "0", "--export", "false", "--eval_split", "dev", *args, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with (run_dir / "stdout.log").open("w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)

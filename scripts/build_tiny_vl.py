@@ -319,7 +319,7 @@ Load it with `AutoModelForImageTextToText`, `AutoTokenizer` and `AutoImageProces
   the supervised examples carried the correct answer this way; the figures below show
   how much the model uses a hint.
 
-## Measured (test split, {n} problems, `cepo.vision_arith.make_split("test", {n}, seed={seed})`, max 64 new tokens)
+## Measured (dev split, {n} problems, `cepo.vision_arith.make_split("dev", {n}, seed={seed})`, max 64 new tokens; the split was called "test" before the dev/test separation)
 
 | figure | value |
 |---|---|
@@ -384,9 +384,9 @@ def main():
         f"target dev greedy accuracy {args.target:.0%}")
 
     train = make_split("train", args.num_train, args.seed)
-    test = make_split("test", args.num_test, args.seed)
+    test = make_split("dev", args.num_test, args.seed)  # the held-out figure: the dev split
     test_exprs = {r["expression"] for r in test}
-    dev = [r for r in make_split("test", args.num_dev + args.num_test, args.seed + 1000)
+    dev = [r for r in make_split("dev", args.num_dev + args.num_test, args.seed + 1000)
            if r["expression"] not in test_exprs][:args.num_dev]  # early stopping only
     log(f"data: {len(train)} train, {len(dev)} dev, {len(test)} test rows ({time.time() - t0:.0f}s)")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

@@ -74,7 +74,8 @@ def test_missing_file_unknown_extension_and_empty(tmp_path):
 
 
 def test_own_training_file_with_the_builtin_held_out_set(tmp_path):
-    """eval_data builtin:arithmetic: the built-in test split, whatever the training data
+    """eval_data builtin:arithmetic: the built-in held-out split (--eval_split: dev by
+    default, or test), whatever the training data
     (the sweep's 'harder task' trains on a file and must keep the same evaluation set)."""
     from cepo.arithmetic import make_split
     from cepo.config import parse_config
@@ -86,6 +87,10 @@ def test_own_training_file_with_the_builtin_held_out_set(tmp_path):
                         "--num_eval", "50"])
     train, evals = load_datasets(cfg)
     assert [e.answer for e in train] == ["9"]
-    assert [e.prompt for e in evals] == [r["prompt"] for r in make_split("test", 50, seed=0)]
+    assert [e.prompt for e in evals] == [r["prompt"] for r in make_split("dev", 50, seed=0)]
+    cfg = parse_config(["--train_data", str(path), "--eval_data", "builtin:arithmetic",
+                        "--num_eval", "50", "--eval_split", "test"])
+    test = [r["prompt"] for r in make_split("test", 50, seed=0)]
+    assert [e.prompt for e in load_datasets(cfg)[1]] == test
     _, none = load_datasets(parse_config(["--train_data", str(path)]))
     assert none == []

@@ -37,7 +37,7 @@ from pathlib import Path
 from cepo.distributed import free_port
 from cepo.stats import paired_difference
 
-DEFAULT_ALGOS = ("grpo", "rlsd", "cepo")
+DEFAULT_ALGOS = ("grpo", "rlsd", "opsd", "sdpo", "cepo")  # the CEPO paper's comparison
 EVIDENCE_ALGOS = ("rlsd", "cepo")  # the algorithms with a token-level evidence delta
 
 

@@ -34,7 +34,7 @@ def test_bpe_chat_model_end_to_end(bpe, tmp_path):
     limit = lengths[len(lengths) // 2]
     dropped = sum(n > limit for n in lengths)
     eval_kept = sum(len(render_prompt(tok, r["prompt"], system_prompt=system)) <= limit
-                    for r in make_split("test", 6, 0))
+                    for r in make_split("dev", 6, 0))
     assert 0 < eval_kept < 6
     out = tmp_path / "run"
     proc = train(out, bpe, *SMALL, "--steps", "2", "--num_train", "200", "--system_prompt",

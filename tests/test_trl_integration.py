@@ -419,7 +419,8 @@ def test_cepo_token_advantages_equal_cepo_train_step(tiny, tmp_path, monkeypatch
     run = SimpleNamespace(
         cfg=SimpleNamespace(mini_batches=1, eps_w=eps_w, temperature=1.0, token_budget=256),
         policy=FusedHeadPolicy(copy.deepcopy(model)).eval(), tokenizer=tokenizer,
-        info=SimpleNamespace(device=torch.device("cpu")))
+        info=SimpleNamespace(device=torch.device("cpu")), teacher=None,
+        images=lambda items: {})  # the policy scores the teachers; a text model
     lam = lambda_at(step, algo="cepo", lam0=lam0, t_warm=t_warm, schedule="linear")
     resp = Responses.of([it.response_ids for it in items])
     ev = score_evidence(run, items, resp, lam, StepMetrics())

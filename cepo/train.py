@@ -126,7 +126,10 @@ def sample_and_score(run: Run, step: int, m: StepMetrics) -> Groups:
                            sampler=run.sampler, verifier=run.verifier, group_size=cfg.group_size,
                            params=params, std_normalize=cfg.std_normalize,
                            wrong_answer_strategy=cfg.wrong_answer_strategy,
-                           find_wrong_answers=cfg.algo == "cepo")
+                           find_wrong_answers=cfg.algo == "cepo",
+                           # scoring overlaps generation when the sampler runs on a GPU; on
+                           # CPU the two would only compete for the same cores
+                           overlap_scoring=info.device.type == "cuda")
     m.add("time_generate", groups.generate_seconds)
     m.add("time_score", groups.score_seconds)
     for r in groups.rollouts:

@@ -91,3 +91,26 @@ def test_scoring_overlaps_generation_and_keeps_group_order():
     assert [r.extracted for r in groups.rollouts] == texts
     assert [r.reward for r in groups.rollouts] == [1.0, 0.0] * 3
     assert groups.wrong_answers == ["t0-1", "t1-1", "t2-1"]
+
+
+def test_without_overlap_every_group_is_scored_after_generation():
+    events = []
+
+    class Sampler:
+        def generate(self, prompt_token_ids, n, params, seeds=None, on_prompt_done=None):
+            assert on_prompt_done is None  # not asked to report groups early
+            events.append("generated")
+            return [[completion(f"t{p}", [4], stop=2)] * n for p in range(len(prompt_token_ids))]
+
+    class Verifier:
+        def score(self, texts, answers):
+            events.append("scored")
+            return [Score(1.0, True, "ok", t) for t in texts]
+
+    groups = sample_groups([Example(f"p{p}", "1", "s") for p in range(2)], [[1], [2]], [1, 2],
+                           sampler=Sampler(), verifier=Verifier(), group_size=2,
+                           params=SamplingParams(max_new_tokens=3), std_normalize=True,
+                           wrong_answer_strategy="worst", find_wrong_answers=False,
+                           overlap_scoring=False)
+    assert events == ["generated", "scored", "scored"]
+    assert [r.text for r in groups.rollouts] == ["t0", "t0", "t1", "t1"]

@@ -96,7 +96,7 @@ def plot(path: str) -> None:
 
 
 def test_trainer_step_time_split(bench, tmp_path):
-    """GRPO vs RLSD vs CEPO on the same config: seconds per phase of a step."""
+    """GRPO vs RLSD vs CEPO vs OPSD vs SDPO on the same config: seconds per phase of a step."""
     cuda = torch.device(bench.device).type == "cuda"
     steps, warmup = {"tiny": (3, 1), "small": (12, 4), "full": (20, 5)}[bench.size]
     if cuda:
@@ -108,7 +108,7 @@ def test_trainer_step_time_split(bench, tmp_path):
         model, name, extra = None, "the embedded default: shipped tiny model, built-in task", []
     rows = [trainer.step_time_split(algo, model, tmp_path / algo, device=bench.device,
                                     steps=steps, warmup=warmup, extra=extra)
-            for algo in ("grpo", "rlsd", "cepo")]
+            for algo in ("grpo", "rlsd", "cepo", "opsd", "sdpo")]
     _RESULTS["step_time_split"] = {"model": name, "extra": extra, "rows": rows}
     _write(bench)
     for r in rows:

@@ -23,13 +23,13 @@ import json
 import os
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from cepo.answers import extract_boxed
 from cepo.arithmetic import make_split
+from cepo.model_card import card_figures
 
 PAD, EOS, UNK, USER, ASSISTANT = "<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"
 BOXED = "\\boxed{"  # one token: the answer marker
@@ -140,31 +140,11 @@ def greedy_accuracy(model, tok, rows) -> float:
 
 def evaluate(model, tok, rows, seed: int) -> dict:
     """Every figure the README reports, on ``rows`` (the reported set: the dev split, named
-    "test" when the model was built)."""
-    n = len(rows)
-    greedy = generate_answers(model, tok, [r["prompt"] for r in rows])
-    torch.manual_seed(seed)
-    sampled = generate_answers(model, tok, [r["prompt"] for r in rows], samples=8, temperature=1.0)
-    correct = [sum(a == r["answer"] for a in s) for s, r in zip(sampled, rows)]
-    hinted = generate_answers(model, tok, [user_content(r, r["answer"]) for r in rows])
-    # The wrong hint is what the trainer uses: a wrong answer the model itself sampled for
-    # the problem (its most frequent one), or answer + 7 where all 8 samples were right.
-    wrong = []
-    for s, r in zip(sampled, rows):
-        bad = Counter(a for a in s if a is not None and a != r["answer"])
-        wrong.append(bad.most_common(1)[0][0] if bad else str(int(r["answer"]) + 7))
-    wrong_out = generate_answers(model, tok, [user_content(r, w) for r, w in zip(rows, wrong)])
-    return {
-        "test_problems": n,
-        "greedy_accuracy": sum(a[0] == r["answer"] for a, r in zip(greedy, rows)) / n,
-        "greedy_boxed_rate": sum(a[0] is not None for a in greedy) / n,
-        "sample_accuracy_T1": sum(correct) / (8 * n),
-        "pass_at_8_T1": sum(c > 0 for c in correct) / n,
-        "mixed_groups_of_8_T1": sum(0 < c < 8 for c in correct) / n,
-        "accuracy_with_correct_hint": sum(a[0] == r["answer"] for a, r in zip(hinted, rows)) / n,
-        "accuracy_with_wrong_hint": sum(a[0] == r["answer"] for a, r in zip(wrong_out, rows)) / n,
-        "wrong_hint_copy_rate": sum(a[0] == w for a, w in zip(wrong_out, wrong)) / n,
-    }
+    "test" when the model was built): cepo.model_card.card_figures."""
+    def answers(hints, **kw):
+        return generate_answers(model, tok, [user_content(r, h) for r, h in zip(rows, hints)], **kw)
+
+    return card_figures(rows, answers, seed)
 
 
 README = """# tiny-arith

@@ -17,19 +17,23 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ 
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def make_tokenizer(path: Path):
-    """A PreTrainedTokenizerFast over single characters plus chat special tokens."""
+def make_tokenizer(path: Path | None, *, specials: list[str] = SPECIALS,
+                   chars: list[str] = CHARS):
+    """A PreTrainedTokenizerFast over single characters plus special tokens (``<pad>``,
+    ``<eos>``, then the additional ones: the chat markers, and for vision-language tests the
+    vision tokens), saved to ``path`` unless it is None."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   additional_special_tokens=["<|user|>", "<|assistant|>"])
+                                   additional_special_tokens=specials[2:])
     fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
+    if path is not None:
+        fast.save_pretrained(path)
     return fast
 
 

@@ -14,28 +14,13 @@ from pathlib import Path
 
 import torch
 
-CHARS = list("0123456789+-*/=()., \n\\{}abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:?<>")
-SPECIALS = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-                 "{% else %}{{ m['content'] }}<eos>{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+import tiny_lm
+
+CHARS = tiny_lm.CHARS + ["<", ">"]
+SPECIALS = tiny_lm.SPECIALS + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                               "<|video_pad|>"]
 PATCH = 8
 MERGE = 2
-
-
-def make_tokenizer(path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   additional_special_tokens=SPECIALS[2:])
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def make_image_processor():
@@ -54,7 +39,7 @@ def make_tiny_vl_dir(path: Path, *, arch: str = "qwen3_vl", seed: int = 0, hidde
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(path)
+    tokenizer = tiny_lm.make_tokenizer(None, specials=SPECIALS, chars=CHARS)  # saved below
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
     heads = 4
     head_dim = hidden // heads

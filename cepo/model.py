@@ -168,7 +168,8 @@ def packed_attention_kwargs(config, batch: PackedBatch, compute_dtype: torch.dty
 
     - flash-attention ("flash" in the name): ``cu_seq_lens_q/k`` [B + 1] int32 and
       ``max_length_q/k`` (ints), the varlen call; no mask.
-    - "sdpa": ``attention_mask`` [1, 1, T, T] bool block-diagonal causal (True = attend).
+    - "sdpa": ``attention_mask`` [1, 1, T, T] bool block-diagonal causal (True = attend);
+      run_packed does not use it (SDPA runs per sequence there), the tests compare to it.
     - "eager": the same as an additive mask in ``compute_dtype`` (0 / dtype min).
     - "flex_attention": a BlockMask of the same pattern.
 
@@ -226,32 +227,23 @@ def body_hidden_states(body: nn.Module, batch: PackedBatch) -> torch.Tensor:
         raise ValueError(f"body_hidden_states: cu_seqlens / seq_lens cover "
                          f"{int(batch.cu_seqlens[-1])} / {sum(batch.seq_lens)} tokens, the row "
                          f"has {batch.num_tokens} (use pack_sequences)")
-    compute_dtype = body.get_input_embeddings().weight.dtype
-    out = run_packed(body, batch, compute_dtype, input_ids=batch.input_ids,
-                     position_ids=batch.position_ids)
+    out = run_packed(body, batch, input_ids=batch.input_ids, position_ids=batch.position_ids)
     return out.last_hidden_state[0]
 
 
-def run_packed(module: nn.Module, batch: PackedBatch, compute_dtype: torch.dtype, **inputs):
+def run_packed(module: nn.Module, batch: PackedBatch, **inputs):
     """``module(**inputs)`` on one packed row (a decoder body, or a vision-language model's
     language model), attention confined to each sequence of ``batch``, no cache.
 
     "sdpa" (the default) runs attention per sequence (cepo.varlen_attention: no T x T
     mask); the other implementations get the boundaries from packed_attention_kwargs.
-    compute_dtype: the dtype attention scores are computed in: the embedding's, which
-    under an FSDP2 mixed-precision policy is the unsharded (bf16) parameter during the
-    forward.
     """
     if getattr(module.config, "_attn_implementation", None) == "sdpa":
         with varlen_attention.packed_forward(module.config):
             return module(**inputs, use_cache=False,
                           cepo_seq_bounds=[0, *itertools.accumulate(batch.seq_lens)])
-    return module(**inputs, use_cache=False,
-                  **packed_attention_kwargs(module.config, batch, compute_dtype))
     # the dtype attention scores are computed in: the embedding's, which under an FSDP2
     # mixed-precision policy is the unsharded (bf16) parameter during the forward
-    compute_dtype = body.get_input_embeddings().weight.dtype
-    kwargs = packed_attention_kwargs(body.config, batch, compute_dtype)
-    out = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-               **kwargs)
-    return out.last_hidden_state[0]
+    compute_dtype = module.get_input_embeddings().weight.dtype
+    return module(**inputs, use_cache=False,
+                  **packed_attention_kwargs(module.config, batch, compute_dtype))

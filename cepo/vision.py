@@ -362,8 +362,7 @@ def packed_hidden_states(base: nn.Module, batch, seq_images: list[ImageInputs | 
                                                   for d in deep_rows])
     mrope = torch.cat(positions, dim=1)[:, None]                # [3, 1, T]
     position_ids = torch.cat([batch.position_ids[None], mrope])  # [4, 1, T]: text row first
-    out = run_packed(lm, batch, lm.get_input_embeddings().weight.dtype, inputs_embeds=embeds,
-                     position_ids=position_ids, **extra)
+    out = run_packed(lm, batch, inputs_embeds=embeds, position_ids=position_ids, **extra)
     return out.last_hidden_state[0]
 
 

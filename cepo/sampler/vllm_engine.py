@@ -39,7 +39,7 @@ from typing import Iterable
 
 import torch
 
-from cepo.sampler.base import (Completion, PromptDone, Sampler, SamplingParams, check_generate_args,
+from cepo.sampler.base import (Completion, Sampler, SamplingParams, check_generate_args,
                                mix_seed, prompt_seeds, stop_token_ids, weight_update_error)
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.35

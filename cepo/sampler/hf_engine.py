@@ -12,6 +12,7 @@ vocab] score tensor is kept) and forces it, so ``generate`` runs greedy.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from typing import Iterable
 
@@ -28,16 +29,32 @@ def row_uniform(row_key: int, step: int) -> float:
     return ((mix_seed(row_key, step) >> 9) + 0.5) / float(1 << 53)
 
 
-class _RowSampler:
-    """Last logits processor: draws every row's next token itself and forces it.
+def draw_tokens(scores: torch.Tensor, row_keys: list[int] | None,
+                step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token and its log-probability: ([B] long, [B] float32).
 
-    The scores it gets are the processed ones (temperature, top-k, top-p applied by the
-    warpers before it). Sampling: inverse CDF of ``exp(log_softmax(scores))`` (float64)
-    at ``row_uniform(row_keys[b], step)``, so a row's samples depend only on its key and
-    its own logits. Greedy (``row_keys`` None): argmax of the scores. The chosen token's
-    log-probability under that very distribution is recorded (when asked), and the
-    returned scores are -inf except at the chosen token, so that ``generate``'s greedy
-    pick returns exactly it.
+    scores: [B, V], the processed logits (temperature, top-k, top-p applied). Sampling:
+    inverse CDF of ``exp(log_softmax(scores))`` (float64) at ``row_uniform(row_keys[b],
+    step)``, so a row's samples depend only on its key and its own logits; greedy
+    (``row_keys`` None): argmax. The log-probability is under that very distribution.
+    """
+    logp = scores.float().log_softmax(-1)      # [B, V]
+    if row_keys is None:
+        tokens = scores.argmax(-1)
+    else:
+        u = torch.tensor([row_uniform(k, step) for k in row_keys],
+                         dtype=torch.float64, device=scores.device)
+        cdf = logp.double().exp().cumsum(-1)   # [B, V]; rows sum to 1 up to rounding
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0]
+        tokens = tokens.clamp_(max=scores.shape[-1] - 1)
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+class _RowSampler:
+    """Last logits processor of ``generate`` (the vision-language path): draws every row's
+    next token with ``draw_tokens`` and forces it (the returned scores are -inf except at
+    the chosen token, so that ``generate``'s greedy pick returns exactly it), recording
+    the chosen tokens' log-probabilities when asked.
     """
 
     def __init__(self, row_keys: list[int] | None, record: bool):
@@ -47,17 +64,9 @@ class _RowSampler:
         self.logprobs: list[torch.Tensor] = []     # per step, [B] float32 on the CPU
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = scores.float().log_softmax(-1)      # [B, V]
-        if self.row_keys is None:
-            tokens = scores.argmax(-1)
-        else:
-            u = torch.tensor([row_uniform(k, self.step) for k in self.row_keys],
-                             dtype=torch.float64, device=scores.device)
-            cdf = logp.double().exp().cumsum(-1)   # [B, V]; rows sum to 1 up to rounding
-            tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0]
-            tokens = tokens.clamp_(max=scores.shape[-1] - 1)
+        tokens, logp = draw_tokens(scores, self.row_keys, self.step)
         if self.record:
-            self.logprobs.append(logp.gather(1, tokens[:, None])[:, 0].cpu())
+            self.logprobs.append(logp.cpu())
         self.step += 1
         return torch.full_like(scores, -float("inf")).scatter_(1, tokens[:, None], 0.0)
 
@@ -86,17 +95,28 @@ class HFEngine(Sampler):
     A separate copy keeps generation independent of FSDP2 sharding: ranks generate
     different numbers of tokens, which a sharded forward (collective per layer) cannot.
     dtype: the copy's dtype (default: float32 from a path, the source's from a model).
-    max_batch_size: rows (prompt x sample) per ``model.generate`` call; bounds memory.
+    max_batch_size: rows (prompt x sample) decoded together; bounds memory.
+    decode: "compact" runs the engine's own decoding loop over a ``DynamicCache`` and drops
+    each row from the batch (its cache rows too) as soon as it emits a stop token, so a
+    batch costs the sum of its rows' lengths rather than rows x the longest; "generate"
+    calls ``model.generate``; "auto" (default) is "compact" for text models whose cache
+    layers can drop rows (full or sliding-window attention) and "generate" otherwise
+    (vision-language models, linear-attention or quantised caches). Both draw the same
+    tokens from the same keys (``draw_tokens``).
     Stop tokens: the tokenizer's EOS plus any EOS ids in the model's generation config
     (e.g. both <|im_end|> and <|endoftext|> for Qwen instruct models).
     """
 
     def __init__(self, model, *, tokenizer, device: torch.device | str = "cpu",
-                 max_batch_size: int = 64, dtype: torch.dtype | None = None):
+                 max_batch_size: int = 64, dtype: torch.dtype | None = None,
+                 decode: str = "auto"):
         from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
         if max_batch_size < 1:
             raise ValueError(f"HFEngine: max_batch_size must be >= 1, got {max_batch_size}")
+        if decode not in ("auto", "compact", "generate"):
+            raise ValueError(f"HFEngine: decode must be 'auto', 'compact' or 'generate', "
+                             f"got {decode!r}")
         self.device = torch.device(device)
         if isinstance(model, PreTrainedModel):
             source_gen = model.generation_config
@@ -128,6 +148,13 @@ class HFEngine(Sampler):
         self.model.generation_config = GenerationConfig(
             eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             bos_token_id=getattr(source_gen, "bos_token_id", None))
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"  # renamed in 5.2x
+        compact_ok = self._can_compact(self.model)
+        if decode == "compact" and not compact_ok:
+            raise ValueError(f"HFEngine: decode='compact' needs a text model whose cache layers "
+                             f"can drop rows; {type(self.model).__name__} cannot (use 'auto')")
+        self.compact = compact_ok if decode == "auto" else decode == "compact"
         # tied weights appear under every name (lm_head.weight and embed_tokens.weight)
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
         self._params.update({k: v for k, v in self.model.named_buffers(remove_duplicate=False)
@@ -149,6 +176,24 @@ class HFEngine(Sampler):
             raise ValueError(f"HFEngine: copying the model failed; missing {missing}, "
                              f"unexpected {unexpected}")
         return clone
+
+    @staticmethod
+    def _can_compact(model) -> bool:
+        """True for a text-only model with a ``logits_to_keep`` forward whose DynamicCache
+        holds only full or sliding-window attention layers (rows can be dropped)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        config = model.config
+        if getattr(config, "vision_config", None) is not None or config.is_encoder_decoder:
+            return False
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            return False
+        try:
+            layers = DynamicCache(config=config).layers
+        except Exception:  # a config DynamicCache cannot read: let generate pick the cache
+            return False
+        return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -268,14 +313,17 @@ class HFEngine(Sampler):
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
-        sampler = _RowSampler(row_keys, record=params.return_logprobs)
-        processors.append(sampler)
-        out = self.model.generate(input_ids=ids.to(self.device),
-                                  attention_mask=mask.to(self.device),
-                                  generation_config=config, logits_processor=processors,
-                                  **self._vision_kwargs(ids, images))
-        new = out.sequences[:, width:].cpu()
-        logprobs = sampler.result(new.shape[1]) if params.return_logprobs else None
+        if self.compact and images is None:
+            new, logprobs = self._decode_compact(ids, mask, row_keys, params, processors)
+        else:
+            sampler = _RowSampler(row_keys, record=params.return_logprobs)
+            processors.append(sampler)
+            out = self.model.generate(input_ids=ids.to(self.device),
+                                      attention_mask=mask.to(self.device),
+                                      generation_config=config, logits_processor=processors,
+                                      **self._vision_kwargs(ids, images))
+            new = out.sequences[:, width:].cpu()
+            logprobs = sampler.result(new.shape[1]) if params.return_logprobs else None
         stop = set(self.stop_ids)
         completions = []
         for i in range(len(prompts)):
@@ -290,6 +338,57 @@ class HFEngine(Sampler):
                 logprobs=logprobs[i, :trained].tolist() if logprobs is not None else None,
                 stop_token_id=None if cut is None else row[cut]))
         return completions
+
+    def _decode_compact(self, ids: torch.Tensor, mask: torch.Tensor, row_keys: list[int] | None,
+                        params: SamplingParams, warpers) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode a left-padded batch ([B, W] ids and mask), dropping rows as they stop.
+
+        Returns ([B, steps] generated ids, pad after a row's stop token; [B, steps]
+        log-probs or None), the layout ``generate`` gives, so one completion builder
+        serves both. Positions are ``generate``'s (cumsum of the mask - 1), the first step
+        reads only the last prompt position's logits (``logits_to_keep=1``), and a row
+        that emits a stop token leaves the batch: its cache rows, mask row, position and
+        key are dropped before the next forward.
+        """
+        from transformers import DynamicCache
+
+        batch = ids.shape[0]
+        device = self.device
+        stop = torch.tensor(self.stop_ids, device=device)
+        new = torch.full((batch, params.max_new_tokens), self.pad_id, dtype=torch.long)
+        logprobs = torch.zeros((batch, params.max_new_tokens)) if params.return_logprobs else None
+        rows = torch.arange(batch)                           # original index of each live row
+        keys = row_keys
+        mask = mask.to(device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=self.model.config)
+        kw = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
+        out = self.model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, **kw)
+        positions = positions[:, -1:]
+        steps = 0
+        for step in range(params.max_new_tokens):
+            scores = out.logits[:, -1, :].float()
+            for warp in warpers:
+                scores = warp(None, scores)
+            tokens, token_logp = draw_tokens(scores, keys, step)
+            new[rows, step] = tokens.cpu()
+            if logprobs is not None:
+                logprobs[rows, step] = token_logp.cpu()
+            steps = step + 1
+            live = ~torch.isin(tokens, stop)
+            if step + 1 == params.max_new_tokens or not bool(live.any()):
+                break
+            if not bool(live.all()):
+                keep = live.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows, mask, positions, tokens = rows[keep.cpu()], mask[keep], positions[keep], tokens[keep]
+                if keys is not None:
+                    keys = [keys[i] for i in keep.tolist()]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+            positions = positions + 1
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                             **kw)
+        return new[:, :steps], None if logprobs is None else logprobs[:, :steps]
 
     def close(self) -> None:
         """Drop the model copy (and the CUDA cache it used)."""

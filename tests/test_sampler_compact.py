@@ -1,0 +1,148 @@
+"""The Hugging Face engine's compact decoding loop (rows leave the batch as they stop)
+against ``model.generate``: the same completions, token for token, on full attention,
+a sliding window shorter than the sequences and two stop tokens; rows really leave the
+batch; models it cannot serve fall back to ``generate`` (or are refused when asked)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cepo.contexts import render_prompt
+from cepo.sampler import HFEngine, SamplingParams
+from cepo.sampler.conformance import check_sampler_conformance
+from tiny_lm import make_tiny_model_dir, make_tokenizer
+
+CONTENTS = ("1", "(12+34)*56-7", "3/4", "abc", "9*9=", "x+y", "100-1")
+
+
+def peaked(path, scale: float):
+    """Scale the LM head (peaked distributions) and make the token the model samples most
+    often a second stop token, so rows stop at very different steps."""
+    from collections import Counter
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.save_pretrained(path, safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    out = HFEngine(str(path), tokenizer=tok, decode="generate").generate(
+        [render_prompt(tok, c) for c in CONTENTS], 4, SamplingParams(max_new_tokens=12),
+        seeds=list(range(len(CONTENTS))))
+    counts = Counter(t for g in out for c in g for t in c.token_ids)
+    second = next(t for t, _ in counts.most_common() if t not in tok.all_special_ids)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen["eos_token_id"] = [tok.eos_token_id, second]
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    return path
+
+
+def mistral_dir(path, window: int):
+    """A tiny Mistral whose sliding window (``window`` tokens) is shorter than its prompts."""
+    import transformers
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(path)
+    config = transformers.MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=window,
+        max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(5)
+    model = transformers.MistralForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    model.generation_config.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama_two_stops", "mistral_window4"])
+def model_dir(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param == "qwen3":
+        return peaked(make_tiny_model_dir(root, arch="qwen3", seed=4), 3.0)
+    if request.param == "llama_two_stops":
+        return peaked(make_tiny_model_dir(root, arch="llama", seed=2), 3.0)
+    return peaked(mistral_dir(root / "m", window=4), 3.0)
+
+
+def summary(out):
+    return [[(c.token_ids, c.finish_reason, c.stop_token_id) for c in g] for g in out]
+
+
+PARAMS = [SamplingParams(temperature=1.0, max_new_tokens=12, return_logprobs=True),
+          SamplingParams(temperature=0.7, top_k=5, top_p=0.9, max_new_tokens=8,
+                         return_logprobs=True),
+          SamplingParams(temperature=0.0, max_new_tokens=10, return_logprobs=True)]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["T1", "topk_topp_short", "greedy"])
+@pytest.mark.parametrize("max_batch_size", [3, 64])
+def test_compact_equals_generate(model_dir, params, max_batch_size):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [render_prompt(tok, c) for c in CONTENTS]
+    seeds = [31 * p + 7 for p in range(len(prompts))]
+    compact = HFEngine(str(model_dir), tokenizer=tok, max_batch_size=max_batch_size)
+    assert compact.compact
+    reference = HFEngine(str(model_dir), tokenizer=tok, max_batch_size=max_batch_size,
+                         decode="generate")
+    assert not reference.compact
+    got = compact.generate(prompts, 4, params, seeds=seeds)
+    want = reference.generate(prompts, 4, params, seeds=seeds)
+    assert summary(got) == summary(want)
+    for g_got, g_want in zip(got, want):
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs),
+                                       atol=1e-5, rtol=1e-5)
+    if params is PARAMS[0]:  # sampled at T = 1: rows stop at many different steps
+        lengths = {len(c.token_ids) for g in got for c in g}
+        assert len(lengths) > 4, "rows stopped at about the same step: nothing was compacted"
+        assert {c.finish_reason for g in got for c in g} == {"stop", "length"}
+
+
+def test_rows_leave_the_batch(model_dir):
+    """Each decode forward carries only the rows still running: over a call, the rows fed
+    after the prompt's forward sum to sum(len(trained response) - 1)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eng = HFEngine(str(model_dir), tokenizer=tok, max_batch_size=64)
+    batch_sizes = []
+    forward = eng.model.forward
+
+    def counting(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    eng.model.forward = counting
+    out = eng.generate([render_prompt(tok, c) for c in CONTENTS], 4,
+                       SamplingParams(max_new_tokens=12, return_logprobs=True),
+                       seeds=list(range(len(CONTENTS))))
+    prefill, decode = batch_sizes[0], batch_sizes[1:]
+    assert prefill[0] == 4 * len(CONTENTS)
+    assert all(shape[1] == 1 for shape in decode)
+    rows = [shape[0] for shape in decode]
+    assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
+    assert sum(rows) == sum(len(c.trained_ids) - 1 for g in out for c in g)
+
+
+def test_conformance_of_both_decoders(tmp_path):
+    """The sampler conformance suite on the compact loop and on generate."""
+    path = make_tiny_model_dir(tmp_path / "m", arch="qwen3", seed=1)
+    tok = AutoTokenizer.from_pretrained(path)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    for decode in ("compact", "generate"):
+        with HFEngine(str(path), tokenizer=tok, max_batch_size=3, decode=decode) as eng:
+            check_sampler_conformance(eng, tok, reference)
+
+
+def test_decode_choice_and_errors(tmp_path):
+    from vl_model import make_tiny_vl_dir
+
+    path = make_tiny_model_dir(tmp_path / "m", arch="qwen3", seed=1)
+    tok = AutoTokenizer.from_pretrained(path)
+    with pytest.raises(ValueError, match="decode must be 'auto', 'compact' or 'generate'"):
+        HFEngine(str(path), tokenizer=tok, decode="fast")
+    vl = make_tiny_vl_dir(tmp_path / "vl", arch="qwen3_vl")
+    vl_tok = AutoTokenizer.from_pretrained(vl)
+    assert not HFEngine(str(vl), tokenizer=vl_tok).compact  # auto: generate for VL
+    with pytest.raises(ValueError, match="decode='compact' needs a text model"):
+        HFEngine(str(vl), tokenizer=vl_tok, decode="compact")

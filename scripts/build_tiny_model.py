@@ -13,6 +13,10 @@ something to say.
 
     python scripts/build_tiny_model.py --seed 0 --out cepo/assets/tiny-arith
 
+``--arith_ops N`` builds a model for the longer-problem setting instead (every train, dev
+and reported problem has N operations; the trainer's ``--arith_ops N`` asks for the same
+problems), e.g. results/arith_long/tiny-arith-5ops.
+
 Everything is seeded; with the same thread count the build is reproducible.
 """
 
@@ -87,14 +91,15 @@ def encode(tok, content: str, solution: str) -> tuple[list[int], int]:
     return ctx + resp, len(ctx)
 
 
-def batches(rows, tok, rng: random.Random, batch_size: int):
-    """One shuffled epoch of padded batches; labels are -100 outside the response."""
+def batches(rows, tok, rng: random.Random, batch_size: int, hint_fraction: float = HINT_FRACTION):
+    """One shuffled epoch of padded batches; labels are -100 outside the response; a
+    ``hint_fraction`` of the prompts carry the correct answer as the teacher hint."""
     rows = rows[:]
     rng.shuffle(rows)
     for i in range(0, len(rows) - batch_size + 1, batch_size):
         seqs = []
         for r in rows[i:i + batch_size]:
-            hint = r["answer"] if rng.random() < HINT_FRACTION else None  # always the CORRECT answer
+            hint = r["answer"] if rng.random() < hint_fraction else None  # always the CORRECT answer
             seqs.append(encode(tok, user_content(r, hint), r["solution"]))
         width = max(len(ids) for ids, _ in seqs)
         x = torch.full((len(seqs), width), tok.pad_token_id)
@@ -109,7 +114,7 @@ def batches(rows, tok, rng: random.Random, batch_size: int):
 
 @torch.no_grad()
 def generate_answers(model, tok, contents: list[str], *, samples: int = 1, temperature: float = 0.0,
-                     max_new_tokens: int = 64, batch_size: int = 64) -> list[list[str | None]]:
+                     max_new_tokens: int | None = None, batch_size: int = 64) -> list[list[str | None]]:
     """Boxed answers of ``samples`` responses per user message (greedy when temperature = 0)."""
     was_training = model.training
     model.eval()
@@ -124,7 +129,8 @@ def generate_answers(model, tok, contents: list[str], *, samples: int = 1, tempe
             kw = dict(do_sample=True, temperature=temperature, top_k=None, top_p=None)
         else:
             kw = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+        budget = max_new_tokens or model.generation_config.max_new_tokens
+        out = model.generate(**enc, max_new_tokens=budget, num_return_sequences=samples,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for j in range(len(chunk)):
@@ -133,8 +139,10 @@ def generate_answers(model, tok, contents: list[str], *, samples: int = 1, tempe
     return out_answers
 
 
-def greedy_accuracy(model, tok, rows) -> float:
-    answers = generate_answers(model, tok, [r["prompt"] for r in rows])
+def greedy_accuracy(model, tok, rows, hinted: bool = False) -> float:
+    """Greedy accuracy on ``rows``; with ``hinted``, given the correct answer as the hint."""
+    answers = generate_answers(model, tok, [user_content(r, r["answer"] if hinted else None)
+                                            for r in rows])
     return sum(a[0] == r["answer"] for a, r in zip(answers, rows)) / len(rows)
 
 
@@ -147,19 +155,18 @@ def evaluate(model, tok, rows, seed: int) -> dict:
     return card_figures(rows, answers, seed)
 
 
-README = """# tiny-arith
+README = """# {name}
 
-The tiny pretrained model of cepo's embedded default (`torchrun -m cepo.train` with no
-arguments): a {layers}-layer Qwen3 (hidden {hidden}, {params:,} parameters, tied embeddings,
+{purpose}: a {layers}-layer Qwen3 (hidden {hidden}, {params:,} parameters, tied embeddings,
 fp32 safetensors, {size_kb} KB in all) with a character-level tokenizer ({vocab} tokens),
 trained from scratch by `scripts/build_tiny_model.py` on the train split of the built-in
-arithmetic task (`cepo.arithmetic`). It is deliberately half-trained: supervised training
-stops when the held-out greedy accuracy reaches {target:.0%} (on 200 dev problems), so RL
+arithmetic task (`cepo.arithmetic`, {ops_text}). It is deliberately half-trained: supervised training
+stops when the held-out greedy accuracy reaches {target:.0%} (on 200 dev problems){hint_stop}, so RL
 has room and signal.
 
 Build (seeded, CPU, {threads} threads, {minutes:.1f} minutes wall time, {steps} steps of {batch}):
 
-    python scripts/build_tiny_model.py --seed {seed} --out cepo/assets/tiny-arith
+    python scripts/build_tiny_model.py --seed {seed} --out {out}{ops_flag}
 
 ## Format
 
@@ -178,7 +185,7 @@ Build (seeded, CPU, {threads} threads, {minutes:.1f} minutes wall time, {steps} 
   `<|user|>`, `<|assistant|>`; `\\boxed{{` is a single token; every other printable ASCII
   character and `\\n` is one token.
 
-## Measured (dev split, {n} problems, `make_split("dev", {n}, seed={seed})`, max 64 new tokens)
+## Measured (dev split, {n} problems, `make_split("dev", {n}, seed={seed}{ops_arg})`, max {max_new_tokens} new tokens)
 
 | figure | value |
 |---|---|
@@ -212,7 +219,20 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--num_train", type=int, default=20000)
     ap.add_argument("--num_test", type=int, default=200)
+    ap.add_argument("--arith_ops", type=int, default=None,
+                    help="operations per problem (default: 2 or 3, the embedded default's task); "
+                         "N builds a model for the trainer's --arith_ops N")
+    ap.add_argument("--hint_fraction", type=float, default=HINT_FRACTION,
+                    help="share of supervised prompts carrying the correct answer as a hint")
+    ap.add_argument("--hint_target", type=float, default=0.0,
+                    help="also require this dev greedy accuracy given the correct answer as the "
+                         "hint before stopping (a model whose teacher uses the hint)")
+    ap.add_argument("--max_new_tokens", type=int, default=None,
+                    help="generation budget of the evaluations and the saved generation config "
+                         "(default 64 for 2-3 operations, 16 * N + 32 for N)")
     args = ap.parse_args()
+    ops = args.arith_ops
+    max_new = args.max_new_tokens or (64 if ops is None else 16 * ops + 32)
 
     import transformers
 
@@ -235,15 +255,15 @@ def main():
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = None
-    model.generation_config.max_new_tokens = 64
+    model.generation_config.max_new_tokens = max_new
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tiny-arith: Qwen3 {args.layers}x{args.hidden}, {n_params:,} parameters, vocab {len(tok)}, "
         f"{args.threads} threads, target dev greedy accuracy {args.target:.0%}")
 
-    train = make_split("train", args.num_train, args.seed)
-    dev = make_split("dev", 200, args.seed + 1000)  # early stopping only; not the reported set
+    train = make_split("train", args.num_train, args.seed, n_ops=ops)
+    dev = make_split("dev", 200, args.seed + 1000, n_ops=ops)  # early stopping only; not reported
     # the reported figures: "test" before the dev/test separation, the same problems
-    test = make_split("dev", args.num_test, args.seed)
+    test = make_split("dev", args.num_test, args.seed, n_ops=ops)
     test_prompts = {r["prompt"] for r in test}
     dev = [r for r in dev if r["prompt"] not in test_prompts]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -252,7 +272,7 @@ def main():
     model.train()
     step, acc, done = 0, 0.0, False
     while not done:
-        for x, y, m in batches(train, tok, rng, args.batch_size):
+        for x, y, m in batches(train, tok, rng, args.batch_size, args.hint_fraction):
             loss = model(input_ids=x, attention_mask=m, labels=y).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -262,9 +282,13 @@ def main():
             step += 1
             if step % args.eval_every == 0 or step >= args.max_steps:
                 acc = greedy_accuracy(model, tok, dev) if step >= warmup else 0.0
-                log(f"step {step:5d}  loss {loss.item():.4f}  dev greedy acc {acc:6.1%}  "
-                    f"({time.time() - t0:.0f}s)")
-                if acc >= args.target or step >= args.max_steps:
+                hint_acc = (greedy_accuracy(model, tok, dev, hinted=True)  # only once it matters
+                            if args.hint_target > 0 and acc >= args.target else None)
+                log(f"step {step:5d}  loss {loss.item():.4f}  dev greedy acc {acc:6.1%}"
+                    + (f"  with hint {hint_acc:6.1%}" if hint_acc is not None else "")
+                    + f"  ({time.time() - t0:.0f}s)")
+                if ((acc >= args.target and (hint_acc or 0.0) >= args.hint_target)
+                        or step >= args.max_steps):
                     done = True
                     break
     model.eval()
@@ -276,6 +300,8 @@ def main():
         "num_layers": args.layers, "sft_steps": step, "batch_size": args.batch_size,
         "dev_greedy_accuracy_at_stop": acc, "target": args.target, "seed": args.seed,
         "threads": args.threads, "build_seconds": round(time.time() - t0),
+        "arith_ops": ops, "max_new_tokens": max_new, "hint_fraction": args.hint_fraction,
+        "hint_target": args.hint_target,
     })
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != "README.md")
     figures["artefact_bytes"] = size
@@ -283,7 +309,17 @@ def main():
     (out / "README.md").write_text(README.format(
         **figures, params=n_params, size_kb=round(size / 1024), vocab=len(tok), hidden=args.hidden,
         layers=args.layers, minutes=figures["build_seconds"] / 60, steps=step, batch=args.batch_size,
-        hint_pct=HINT_FRACTION, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, n=len(test)))
+        hint_pct=args.hint_fraction, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, n=len(test),
+        name=out.name, purpose=("The tiny pretrained model of cepo's embedded default (`torchrun -m "
+                                "cepo.train` with no\narguments)" if ops is None else
+                                "A tiny model for cepo's longer-problem setting (the trainer's "
+                                f"`--arith_ops {ops}`)"),
+        hint_stop=("" if not args.hint_target else f" and, given the correct answer as the hint, "
+                   f"{args.hint_target:.0%}"),
+        out=args.out, ops_flag="".join(f" --{k} {v}" for k, v in vars(args).items()
+                                       if k not in ("seed", "out") and v != ap.get_default(k)),
+        ops_arg="" if ops is None else f", n_ops={ops}",
+        ops_text="2 or 3 operations per problem" if ops is None else f"{ops} operations per problem"))
     log(json.dumps(figures, indent=2))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from bench import trainer
@@ -48,6 +49,25 @@ def markdown(meta: dict) -> str:
                   f"{first['lambda_first']:.2f} -> {first['lambda_last']:.2f} for RLSD / CEPO: "
                   "the teacher phase runs while lambda > 0), no evaluation; trainer options: "
                   f"`{' '.join(split['extra']) or '(the embedded default)'}`.", ""]
+    whole = _RESULTS.get("whole_run")
+    if whole:
+        lines += [f"## Whole run ({whole['model']})", "",
+                  "| algo | steps | steps with lambda > 0 | generate s | score s | teacher s | update s | "
+                  "sync s | steps total s | vs GRPO | teacher share | generate share |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        grpo = next((r["total_step_s"] for r in whole["rows"] if r["algo"] == "grpo"), None)
+        for r in whole["rows"]:
+            rel = f"{r['total_step_s'] / grpo:.2f}x" if grpo else "n/a"
+            lines.append(f"| {r['algo']} | {r['steps_timed']} | {r['teacher_steps']} | " + " | ".join(
+                f"{r[f'total_{p}_s']:.1f}" for p in trainer.PHASES) +
+                f" | {r['total_step_s']:.1f} | {rel} | "
+                f"{r['total_teacher_s'] / r['total_step_s']:.1%} | "
+                f"{r['total_generate_s'] / r['total_step_s']:.0%} |")
+        lines += ["", "Every step of one whole run per algorithm, summed (what a run pays; the "
+                  "reference's GRPO 5h58 / CEPO 6h34 are whole-run figures too); evaluation "
+                  "excluded. The teacher phase runs only while lambda > 0 (the first t_warm "
+                  "steps); \"vs GRPO\" also carries the runs' different response lengths, "
+                  "\"teacher share\" is the teacher phase alone.", ""]
     mem = _RESULTS.get("update_memory")
     if mem:
         lines += [f"## Update micro-batch: fused head vs naive logits ({mem['model']})", "",
@@ -113,6 +133,21 @@ def test_trainer_step_time_split(bench, tmp_path):
     _write(bench)
     for r in rows:
         assert r["steps_timed"] >= 1 and r["step_s"] > 0
+
+
+def test_trainer_whole_run(bench, tmp_path):
+    """GRPO vs RLSD vs CEPO over one whole run each (every step timed): what the teacher
+    phase costs a run, not only the steps where it runs."""
+    if bench.size == "tiny" or torch.device(bench.device).type == "cuda":
+        pytest.skip("whole runs: the CPU embedded default at size small / full only")
+    rows = [trainer.step_time_split(algo, None, tmp_path / algo, device=bench.device,
+                                    steps=None, warmup=0, extra=[])
+            for algo in ("grpo", "rlsd", "cepo")]
+    _RESULTS["whole_run"] = {"model": "the embedded default: shipped tiny model, built-in "
+                                      "task, its own step count", "rows": rows}
+    _write(bench)
+    for r in rows:
+        assert r["steps_timed"] >= 1 and r["total_step_s"] > 0
 
 
 def test_trainer_update_memory(bench):

@@ -57,20 +57,23 @@ def random_model_dir(path: Path, shape: dict, dtype: torch.dtype) -> Path:
     return path
 
 
-def step_time_split(algo: str, model: Path | None, out: Path, *, device: str, steps: int,
-                    warmup: int, extra: list[str]) -> dict:
+def step_time_split(algo: str, model: Path | None, out: Path, *, device: str,
+                    steps: int | None, warmup: int, extra: list[str]) -> dict:
     """Run ``torchrun --nproc_per_node 1 -m cepo.train --algo ALGO`` for ``steps`` steps
     with no held-out evaluation (timed apart from steps, if at all); mean and median
     seconds per phase over the steps after the first ``warmup`` ones, plus tokens/s and
-    peak memory. ``model`` None runs the embedded default (the shipped tiny model with
-    its own settings, exactly what the README's command runs)."""
+    peak memory; also each phase's total over the timed steps (``total_<phase>_s``,
+    ``total_step_s``), which over a whole run is what the run pays. ``model`` None runs
+    the embedded default (the shipped tiny model with its own settings, exactly what the
+    README's command runs); ``steps`` None keeps the run's own step count."""
     from cepo.distributed import free_port
 
     env = dict(os.environ, PYTHONPATH=str(REPO / "bench") + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            "--master_port", str(free_port()), "-m", "cepo.train", "--algo", algo,
-           "--output_dir", str(out), "--steps", str(steps), "--device", device,
+           "--output_dir", str(out), *([] if steps is None else ["--steps", str(steps)]),
+           "--device", device,
            "--eval_every", "0", "--num_eval", "0", "--samples_every", "0",
            "--checkpoint_every", "0", "--export", "false", "--progress", "false", *extra]
     if model is not None:
@@ -84,6 +87,9 @@ def step_time_split(algo: str, model: Path | None, out: Path, *, device: str, st
     return {"algo": algo, "steps_timed": len(rows), "first_step_timed": warmup + 1,
             **{f"{p}_s": mean(f"time_{p}") for p in PHASES},
             "step_s": mean("step_seconds"),
+            **{f"total_{p}_s": sum(r.get(f"time_{p}") or 0.0 for r in rows) for p in PHASES},
+            "total_step_s": sum(r["step_seconds"] for r in rows),
+            "teacher_steps": sum((r.get("lambda") or 0.0) > 0 for r in rows),  # lambda > 0: teacher ran
             "step_median_s": statistics.median(r["step_seconds"] for r in rows),
             "lambda_first": rows[0]["lambda"], "lambda_last": rows[-1]["lambda"],
             "generate_share": mean("time_generate") / max(mean("step_seconds"), 1e-9),

@@ -51,6 +51,12 @@ def trainer_algos() -> tuple[str, ...]:
     return typing.get_args(typing.get_type_hints(TrainConfig)["algo"])
 
 
+# trainer options this command sets per run, and the option of its own that sets them
+OWN_TRAINER_FLAGS = {"--algo": "--algos", "--seed": "--seeds", "--output_dir": "--out",
+                     "--eval_every": "--eval_every", "--eval_samples": "--k",
+                     "--eval_split": "--eval_split"}
+
+
 def _run(algo: str, seed: int, run_dir: Path, args, extra: list[str], threads: int) -> Path:
     if (run_dir / "summary.json").exists():  # finished earlier: reuse (delete to rerun)
         return run_dir
@@ -143,6 +149,10 @@ def _parse(argv: list[str] | None):
         ap.error("--algos and --seeds must not repeat a value")
     if args.jobs < 1 or args.k < 0 or args.nproc < 1:
         ap.error("--jobs and --nproc must be >= 1, --k >= 0")
+    for option, own_flag in OWN_TRAINER_FLAGS.items():
+        if any(a == option or a.startswith(option + "=") for a in extra):
+            ap.error(f"trainer option {option} after '--': this command sets it for every run; "
+                     f"use {own_flag} instead")
     return args, extra
 
 

@@ -391,14 +391,31 @@ def _given(argv: list[str], option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in argv)
 
 
+def _config_files_first(argv: list[str]) -> list[str]:
+    """argv with every ``--config FILE`` / ``--config=FILE`` moved to the front (their
+    order kept): a file's values are defaults that the flags override, wherever written."""
+    files, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            files += argv[i:i + 2]
+            i += 2
+            continue
+        (files if argv[i].startswith("--config=") else rest).append(argv[i])
+        i += 1
+    return files + rest
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse argv (None: sys.argv) into a validated TrainConfig.
 
-    Without ``--model`` and ``--config`` the embedded default's own settings
-    (``cepo/configs/tiny-arith.yaml``) come first, so flags still override them."""
+    A ``--config`` file is applied first wherever it stands on the command line, so every
+    flag overrides it (``--algo grpo --config x.yaml`` trains GRPO even when x.yaml says
+    ``algo: cepo``); several files apply in their order. Without ``--model`` and
+    ``--config`` the embedded default's own settings (``cepo/configs/tiny-arith.yaml``)
+    come first in the same way."""
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _config_files_first(list(sys.argv[1:] if argv is None else argv))
     if not _given(argv, "--model") and not _given(argv, "--config"):
         argv = ["--config", TINY_CONFIG] + argv
     parser = build_parser()

@@ -75,6 +75,12 @@ def test_algos_are_the_trainers(capsys):
     assert args.eval_split == "test" and args.seeds == [10, 11, 12, 13, 14] and args.jobs == 1
     with pytest.raises(SystemExit):
         compare._parse(["--seeds", "1", "1"])
+    for option, own in (("--algo", "--algos"), ("--seed=3", "--seeds"), ("--eval_every", "--eval_every"),
+                        ("--output_dir", "--out")):
+        with pytest.raises(SystemExit):
+            compare._parse(["--", "--steps", "3", option, "1"])
+        err = capsys.readouterr().err
+        assert f"trainer option {option.split('=')[0]} after '--'" in err and f"use {own}" in err
 
 
 def test_end_to_end_tiny_budget(tmp_path):

@@ -40,6 +40,21 @@ def test_yaml_config_with_override(tmp_path):
     assert cfg.algo == "rlsd" and cfg.group_size == 4 and cfg.lr == 0.01
 
 
+def test_flags_override_a_config_file_wherever_it_stands(tmp_path):
+    """`--algo grpo --config x.yaml` trains GRPO even though x.yaml says cepo: a file's
+    values are defaults (cepo.compare puts its per-run flags before the user's options)."""
+    first = tmp_path / "a.yaml"
+    first.write_text("algo: cepo\ngroup_size: 4\nlr: 0.001\nsteps: 7\n")
+    second = tmp_path / "b.yaml"
+    second.write_text("lr: 0.002\n")
+    cfg = parse_config(["--algo", "grpo", "--seed", "11", "--config", str(first), "--steps", "3"])
+    assert (cfg.algo, cfg.seed, cfg.steps, cfg.group_size, cfg.lr) == ("grpo", 11, 3, 4, 0.001)
+    cfg = parse_config(["--lr", "0.5", f"--config={first}", "--config", str(second)])
+    assert (cfg.algo, cfg.lr, cfg.steps) == ("cepo", 0.5, 7)
+    cfg = parse_config(["--config", str(first), "--config", str(second)])
+    assert cfg.lr == 0.002  # files apply in their order
+
+
 def test_example_gpu_config_parses():
     path = Path(__file__).parents[1] / "cepo" / "configs" / "qwen2.5-math-1.5b-gpu.yaml"
     parser = build_parser()

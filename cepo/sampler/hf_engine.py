@@ -181,9 +181,11 @@ class HFEngine(Sampler):
     def _can_compact(model) -> bool:
         """True for a text-only model with a ``logits_to_keep`` forward whose DynamicCache
         holds only full or sliding-window attention layers (rows can be dropped)."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
+        try:
+            from transformers import DynamicCache
+            from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+        except ImportError:  # a transformers without per-layer caches: generate does it all
+            return False
         config = model.config
         if getattr(config, "vision_config", None) is not None or config.is_encoder_decoder:
             return False

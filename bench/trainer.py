@@ -60,7 +60,8 @@ def random_model_dir(path: Path, shape: dict, dtype: torch.dtype) -> Path:
 def step_time_split(algo: str, model: Path | None, out: Path, *, device: str,
                     steps: int | None, warmup: int, extra: list[str]) -> dict:
     """Run ``torchrun --nproc_per_node 1 -m cepo.train --algo ALGO`` for ``steps`` steps
-    with no held-out evaluation (timed apart from steps, if at all); mean and median
+    with no held-out evaluation (timed apart from steps, if at all) and otherwise as the
+    real command runs (its checkpoints every 10 steps, its sample dumps); mean and median
     seconds per phase over the steps after the first ``warmup`` ones, plus tokens/s and
     peak memory; also each phase's total over the timed steps (``total_<phase>_s``,
     ``total_step_s``), which over a whole run is what the run pays. ``model`` None runs
@@ -74,8 +75,8 @@ def step_time_split(algo: str, model: Path | None, out: Path, *, device: str,
            "--master_port", str(free_port()), "-m", "cepo.train", "--algo", algo,
            "--output_dir", str(out), *([] if steps is None else ["--steps", str(steps)]),
            "--device", device,
-           "--eval_every", "0", "--num_eval", "0", "--samples_every", "0",
-           "--checkpoint_every", "0", "--export", "false", "--progress", "false", *extra]
+           "--eval_every", "0", "--num_eval", "0", "--export", "false", "--progress", "false",
+           *extra]  # checkpoints and sample dumps as the real command writes them
     if model is not None:
         cmd[cmd.index("--algo"):cmd.index("--algo")] = ["--model", str(model)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)

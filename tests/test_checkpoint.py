@@ -74,6 +74,33 @@ def test_round_trip_restores_model_optimizer_scheduler_rng_state(tmp_path):
     assert torch.equal(after_load[0], after_save[0]) and after_load[1:] == after_save[1:]
 
 
+def test_one_rank_group_saves_and_loads_without_dcp_collectives(tmp_path, monkeypatch):
+    """With a process group of one rank (torchrun --nproc_per_node 1), DCP runs with
+    no_dist=True: its distributed save left every later step ~1.8x slower (see
+    cepo.checkpoint._no_dist). The checkpoint still round-trips."""
+    import torch.distributed as dist
+
+    calls = []
+    for name in ("save", "load"):
+        real = getattr(ckpt.dcp, name)
+        monkeypatch.setattr(ckpt.dcp, name, lambda *a, _real=real, _n=name, **k:
+                            calls.append((_n, k.get("no_dist"))) or _real(*a, **k))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model, opt, sched = _plain()
+        _step(model, opt, sched)
+        path = ckpt.save_checkpoint(tmp_path / "ck", 1, model=model, optimizer=opt, scheduler=sched,
+                                    trainer_state={"step": 1})
+        before = _snapshot(model, opt, sched)
+        model2, opt2, sched2 = _plain()
+        ckpt.load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+        _assert_same(before, _snapshot(model2, opt2, sched2))
+    finally:
+        dist.destroy_process_group()
+    assert calls == [("save", True), ("load", True)]
+    assert ckpt._no_dist()  # no process group at all: no_dist too
+
+
 def test_fresh_optimizer_loads_even_with_gradients_present(tmp_path):
     """A never-stepped optimizer has no state for DCP to load into; torch's own lazy
     init skips it when gradients exist. load_checkpoint must restore the moments anyway."""

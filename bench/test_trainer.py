@@ -52,14 +52,14 @@ def markdown(meta: dict) -> str:
     whole = _RESULTS.get("whole_run")
     if whole:
         lines += [f"## Whole run ({whole['model']})", "",
-                  "| algo | steps | steps with lambda > 0 | generate s | score s | teacher s | update s | "
-                  "sync s | steps total s | vs GRPO | teacher share | generate share |",
+                  "| algo | steps | steps with lambda > 0 | generate s | score s | teacher s | "
+                  "update s | sync s | steps total s | vs GRPO | teacher share | generate share |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         grpo = next((r["total_step_s"] for r in whole["rows"] if r["algo"] == "grpo"), None)
         for r in whole["rows"]:
             rel = f"{r['total_step_s'] / grpo:.2f}x" if grpo else "n/a"
-            lines.append(f"| {r['algo']} | {r['steps_timed']} | {r['teacher_steps']} | " + " | ".join(
-                f"{r[f'total_{p}_s']:.1f}" for p in trainer.PHASES) +
+            lines.append(f"| {r['algo']} | {r['steps_timed']} | {r['teacher_steps']} | "
+                         + " | ".join(f"{r[f'total_{p}_s']:.1f}" for p in trainer.PHASES) +
                 f" | {r['total_step_s']:.1f} | {rel} | "
                 f"{r['total_teacher_s'] / r['total_step_s']:.1%} | "
                 f"{r['total_generate_s'] / r['total_step_s']:.0%} |")

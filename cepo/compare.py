@@ -34,6 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cepo.config import option_given
 from cepo.distributed import free_port
 from cepo.stats import paired_difference
 
@@ -150,7 +151,7 @@ def _parse(argv: list[str] | None):
     if args.jobs < 1 or args.k < 0 or args.nproc < 1:
         ap.error("--jobs and --nproc must be >= 1, --k >= 0")
     for option, own_flag in OWN_TRAINER_FLAGS.items():
-        if any(a == option or a.startswith(option + "=") for a in extra):
+        if option_given(extra, option):
             ap.error(f"trainer option {option} after '--': this command sets it for every run; "
                      f"use {own_flag} instead")
     return args, extra

@@ -387,7 +387,8 @@ def build_parser():
     return parser
 
 
-def _given(argv: list[str], option: str) -> bool:
+def option_given(argv: list[str], option: str) -> bool:
+    """True when ``argv`` sets ``option`` (``--x value`` or ``--x=value``)."""
     return any(a == option or a.startswith(option + "=") for a in argv)
 
 
@@ -416,7 +417,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     import sys
 
     argv = _config_files_first(list(sys.argv[1:] if argv is None else argv))
-    if not _given(argv, "--model") and not _given(argv, "--config"):
+    if not option_given(argv, "--model") and not option_given(argv, "--config"):
         argv = ["--config", TINY_CONFIG] + argv
     parser = build_parser()
     ns = parser.parse_args(argv)

@@ -166,7 +166,7 @@ has room and signal.
 
 Build (seeded, CPU, {threads} threads, {minutes:.1f} minutes wall time, {steps} steps of {batch}):
 
-    python scripts/build_tiny_model.py --seed {seed} --out {out}{ops_flag}
+    python scripts/build_tiny_model.py --seed {seed} --out {out}{build_flags}
 
 ## Format
 
@@ -316,7 +316,7 @@ def main():
                                 f"`--arith_ops {ops}`)"),
         hint_stop=("" if not args.hint_target else f" and, given the correct answer as the hint, "
                    f"{args.hint_target:.0%}"),
-        out=args.out, ops_flag="".join(f" --{k} {v}" for k, v in vars(args).items()
+        out=args.out, build_flags="".join(f" --{k} {v}" for k, v in vars(args).items()
                                        if k not in ("seed", "out") and v != ap.get_default(k)),
         ops_arg="" if ops is None else f", n_ops={ops}",
         ops_text="2 or 3 operations per problem" if ops is None else f"{ops} operations per problem"))

@@ -3,7 +3,6 @@ against ``model.generate``: the same completions, token for token, on full atten
 a sliding window shorter than the sequences and two stop tokens; rows really leave the
 batch; models it cannot serve fall back to ``generate`` (or are refused when asked)."""
 
-import json
 
 import pytest
 import torch
@@ -12,30 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cepo.contexts import render_prompt
 from cepo.sampler import HFEngine, SamplingParams
 from cepo.sampler.conformance import check_sampler_conformance
-from tiny_lm import make_tiny_model_dir, make_tokenizer
+from tiny_lm import add_frequent_stop_token, make_tiny_model_dir, make_tokenizer
 
 CONTENTS = ("1", "(12+34)*56-7", "3/4", "abc", "9*9=", "x+y", "100-1")
-
-
-def peaked(path, scale: float):
-    """Scale the LM head (peaked distributions) and make the token the model samples most
-    often a second stop token, so rows stop at very different steps."""
-    from collections import Counter
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    model.save_pretrained(path, safe_serialization=True)
-    tok = AutoTokenizer.from_pretrained(path)
-    out = HFEngine(str(path), tokenizer=tok, decode="generate").generate(
-        [render_prompt(tok, c) for c in CONTENTS], 4, SamplingParams(max_new_tokens=12),
-        seeds=list(range(len(CONTENTS))))
-    counts = Counter(t for g in out for c in g for t in c.token_ids)
-    second = next(t for t, _ in counts.most_common() if t not in tok.all_special_ids)
-    gen = json.loads((path / "generation_config.json").read_text())
-    gen["eos_token_id"] = [tok.eos_token_id, second]
-    (path / "generation_config.json").write_text(json.dumps(gen))
-    return path
 
 
 def mistral_dir(path, window: int):
@@ -60,10 +38,15 @@ def mistral_dir(path, window: int):
 def model_dir(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     if request.param == "qwen3":
-        return peaked(make_tiny_model_dir(root, arch="qwen3", seed=4), 3.0)
-    if request.param == "llama_two_stops":
-        return peaked(make_tiny_model_dir(root, arch="llama", seed=2), 3.0)
-    return peaked(mistral_dir(root / "m", window=4), 3.0)
+        path = make_tiny_model_dir(root, arch="qwen3", seed=4)
+    elif request.param == "llama_two_stops":
+        path = make_tiny_model_dir(root, arch="llama", seed=2)
+    else:
+        path = mistral_dir(root / "m", window=4)
+    # peaked distributions and the most sampled token as a second stop: rows stop at very
+    # different steps
+    add_frequent_stop_token(path, CONTENTS, head_scale=3.0, samples=4)
+    return path
 
 
 def summary(out):

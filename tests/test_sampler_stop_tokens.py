@@ -2,8 +2,6 @@
 <|end_of_text|>): both engines report the stop token they actually sampled, and its
 log-probability, so the trainer trains on the token that was emitted."""
 
-import json
-from collections import Counter
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import fake_vllm
 from cepo.contexts import render_prompt
 from cepo.sampler import HFEngine, SamplingParams
 from cepo.sampler.conformance import check_sampler_conformance
-from tiny_lm import make_tiny_model_dir
+from tiny_lm import add_frequent_stop_token, make_tiny_model_dir
 
 CONTENTS = ("1+2", "(3*4)-5", "9", "abc")
 
@@ -24,19 +22,7 @@ def two_stop_dir(tmp_path_factory):
     distributions) and whose generation config lists two EOS ids: the tokenizer's and
     the token the model samples most often, so responses often stop on the second."""
     path = make_tiny_model_dir(tmp_path_factory.mktemp("two_stop"), arch="llama", seed=2)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(25.0)
-    model.save_pretrained(path, safe_serialization=True)
-    tok = AutoTokenizer.from_pretrained(path)
-    eng = HFEngine(str(path), tokenizer=tok)
-    out = eng.generate([render_prompt(tok, c) for c in CONTENTS], 8,
-                       SamplingParams(max_new_tokens=12), seeds=list(range(len(CONTENTS))))
-    counts = Counter(t for g in out for c in g for t in c.token_ids)
-    second = next(t for t, _ in counts.most_common() if t not in tok.all_special_ids)
-    gen = json.loads((path / "generation_config.json").read_text())
-    gen["eos_token_id"] = [tok.eos_token_id, second]
-    (path / "generation_config.json").write_text(json.dumps(gen))
+    second = add_frequent_stop_token(path, CONTENTS, head_scale=25.0, samples=8)
     return path, second
 
 

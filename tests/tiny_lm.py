@@ -64,3 +64,33 @@ def make_tiny_model_dir(path: Path, *, arch: str = "qwen3", seed: int = 0, hidde
     model.save_pretrained(path, safe_serialization=True)
     (path / "tiny_lm.json").write_text(json.dumps({"arch": arch, "seed": seed}))
     return path
+
+
+def add_frequent_stop_token(path: Path, contents, *, head_scale: float, samples: int) -> int:
+    """Scale the saved model's LM head by ``head_scale`` (peaked next-token distributions)
+    and make the token it samples most often (``samples`` per user message of
+    ``contents``, 12 new tokens, through ``model.generate``) a second stop token in
+    generation_config.json, so responses stop at many different steps and some on each
+    stop token. Returns the second stop token's id."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cepo.contexts import render_prompt
+    from cepo.sampler import HFEngine, SamplingParams
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(path, safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    out = HFEngine(str(path), tokenizer=tok, decode="generate").generate(
+        [render_prompt(tok, c) for c in contents], samples, SamplingParams(max_new_tokens=12),
+        seeds=list(range(len(contents))))
+    counts = Counter(t for g in out for c in g for t in c.token_ids)
+    second = next(t for t, _ in counts.most_common() if t not in tok.all_special_ids)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen["eos_token_id"] = [tok.eos_token_id, second]
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    return second

@@ -150,7 +150,7 @@ class HFEngine(Sampler):
             bos_token_id=getattr(source_gen, "bos_token_id", None))
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"  # renamed in 5.2x
-        compact_ok = self._can_compact(self.model)
+        compact_ok = self._can_compact(self.model, forward_args)
         if decode == "compact" and not compact_ok:
             raise ValueError(f"HFEngine: decode='compact' needs a text model whose cache layers "
                              f"can drop rows; {type(self.model).__name__} cannot (use 'auto')")
@@ -178,9 +178,10 @@ class HFEngine(Sampler):
         return clone
 
     @staticmethod
-    def _can_compact(model) -> bool:
-        """True for a text-only model with a ``logits_to_keep`` forward whose DynamicCache
-        holds only full or sliding-window attention layers (rows can be dropped)."""
+    def _can_compact(model, forward_args) -> bool:
+        """True for a text-only model with a ``logits_to_keep`` forward (``forward_args``:
+        its signature's parameters) whose DynamicCache holds only full or sliding-window
+        attention layers (rows can be dropped)."""
         try:
             from transformers import DynamicCache
             from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -189,7 +190,7 @@ class HFEngine(Sampler):
         config = model.config
         if getattr(config, "vision_config", None) is not None or config.is_encoder_decoder:
             return False
-        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        if "logits_to_keep" not in forward_args:
             return False
         try:
             layers = DynamicCache(config=config).layers
@@ -302,11 +303,6 @@ class HFEngine(Sampler):
         for i, p in enumerate(prompts):  # left padding
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
-        # generate's own pick is greedy: _RowSampler, last, has already chosen the token
-        config = GenerationConfig(
-            do_sample=False, max_new_tokens=params.max_new_tokens, min_new_tokens=0,
-            repetition_penalty=1.0, num_beams=1, eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id, return_dict_in_generate=True)
         processors = LogitsProcessorList()
         if not params.greedy:  # HF's own order: temperature, top-k, top-p
             if params.temperature != 1.0:
@@ -318,6 +314,11 @@ class HFEngine(Sampler):
         if self.compact and images is None:
             new, logprobs = self._decode_compact(ids, mask, row_keys, params, processors)
         else:
+            # generate's own pick is greedy: _RowSampler, last, has already chosen the token
+            config = GenerationConfig(
+                do_sample=False, max_new_tokens=params.max_new_tokens, min_new_tokens=0,
+                repetition_penalty=1.0, num_beams=1, eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id, return_dict_in_generate=True)
             sampler = _RowSampler(row_keys, record=params.return_logprobs)
             processors.append(sampler)
             out = self.model.generate(input_ids=ids.to(self.device),
@@ -367,8 +368,7 @@ class HFEngine(Sampler):
         kw = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
         out = self.model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, **kw)
         positions = positions[:, -1:]
-        steps = 0
-        for step in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):  # at least one: max_new_tokens >= 1
             scores = out.logits[:, -1, :].float()
             for warp in warpers:
                 scores = warp(None, scores)
@@ -376,20 +376,21 @@ class HFEngine(Sampler):
             new[rows, step] = tokens.cpu()
             if logprobs is not None:
                 logprobs[rows, step] = token_logp.cpu()
-            steps = step + 1
             live = ~torch.isin(tokens, stop)
             if step + 1 == params.max_new_tokens or not bool(live.any()):
                 break
             if not bool(live.all()):
                 keep = live.nonzero()[:, 0]
                 cache.batch_select_indices(keep)
-                rows, mask, positions, tokens = rows[keep.cpu()], mask[keep], positions[keep], tokens[keep]
+                rows, mask = rows[keep.cpu()], mask[keep]
+                positions, tokens = positions[keep], tokens[keep]
                 if keys is not None:
                     keys = [keys[i] for i in keep.tolist()]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
             positions = positions + 1
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
                              **kw)
+        steps = step + 1
         return new[:, :steps], None if logprobs is None else logprobs[:, :steps]
 
     def close(self) -> None:

@@ -85,7 +85,8 @@ def test_compact_equals_generate(model_dir, params, max_batch_size):
 
 def test_rows_leave_the_batch(model_dir):
     """Each decode forward carries only the rows still running: over a call, the rows fed
-    after the prompt's forward sum to sum(len(trained response) - 1)."""
+    after the prompt's forward sum to sum(len(trained response) - 1); the prompt forward
+    runs each prompt once, not once per sample."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     eng = HFEngine(str(model_dir), tokenizer=tok, max_batch_size=64)
     batch_sizes = []
@@ -100,11 +101,29 @@ def test_rows_leave_the_batch(model_dir):
                        SamplingParams(max_new_tokens=12, return_logprobs=True),
                        seeds=list(range(len(CONTENTS))))
     prefill, decode = batch_sizes[0], batch_sizes[1:]
-    assert prefill[0] == 4 * len(CONTENTS)
+    assert prefill[0] == len(CONTENTS)
     assert all(shape[1] == 1 for shape in decode)
     rows = [shape[0] for shape in decode]
     assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
     assert sum(rows) == sum(len(c.trained_ids) - 1 for g in out for c in g)
+
+
+def test_shared_prompt_rows():
+    """Runs of identical adjacent rows (same ids and mask) are found; x[first][expand]
+    rebuilds the batch; a batch without repeats (or of one row) gives (None, None)."""
+    from cepo.sampler.hf_engine import shared_prompt_rows
+
+    ids = torch.tensor([[0, 5, 6], [0, 5, 6], [0, 5, 6], [7, 8, 9], [0, 5, 6], [0, 0, 6]])
+    mask = torch.tensor([[0, 1, 1]] * 3 + [[1, 1, 1], [0, 1, 1], [0, 1, 1]])
+    mask[5] = torch.tensor([1, 1, 1])  # same ids as a padded row, but a real 0 token
+    first, expand = shared_prompt_rows(ids, mask)
+    assert first.tolist() == [0, 3, 4, 5]
+    assert expand.tolist() == [0, 0, 0, 1, 2, 3]
+    assert torch.equal(ids[first][expand], ids) and torch.equal(mask[first][expand], mask)
+    assert shared_prompt_rows(ids[3:], mask[3:]) == (None, None)
+    assert shared_prompt_rows(ids[:1], mask[:1]) == (None, None)
+    ids[5], mask[5] = ids[4], mask[4]
+    assert shared_prompt_rows(ids, mask)[0].tolist() == [0, 3, 4]
 
 
 def test_conformance_of_both_decoders(tmp_path):

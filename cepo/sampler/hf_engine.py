@@ -50,6 +50,26 @@ def draw_tokens(scores: torch.Tensor, row_keys: list[int] | None,
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
+def shared_prompt_rows(ids: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Which rows of a left-padded prompt batch ([B, W] ids and attention mask) repeat the
+    row above them (same ids, same mask).
+
+    Returns (first, expand): ``first`` [U] the index of the first row of each run of
+    identical adjacent rows, ``expand`` [B] the run each row belongs to, so that
+    ``x[first][expand]`` rebuilds any per-row quantity of a batch; (None, None) when no
+    two adjacent rows are equal. A prompt's n samples sit next to each other in a batch,
+    so its prompt forward (the prefill) is run once instead of n times.
+    """
+    if ids.shape[0] < 2:
+        return None, None
+    starts = torch.ones(ids.shape[0], dtype=torch.bool)
+    starts[1:] = ((ids[1:] != ids[:-1]) | (mask[1:] != mask[:-1])).any(-1)
+    if bool(starts.all()):
+        return None, None
+    return starts.nonzero()[:, 0], starts.cumsum(0) - 1
+
+
 class _RowSampler:
     """Last logits processor of ``generate`` (the vision-language path): draws every row's
     next token with ``draw_tokens`` and forces it (the returned scores are -inf except at
@@ -351,7 +371,9 @@ class HFEngine(Sampler):
         serves both. Positions are ``generate``'s (cumsum of the mask - 1), the first step
         reads only the last prompt position's logits (``logits_to_keep=1``), and a row
         that emits a stop token leaves the batch: its cache rows, mask row, position and
-        key are dropped before the next forward.
+        key are dropped before the next forward. Identical adjacent prompt rows (a
+        prompt's n samples) share one prompt forward: the prompt is run once and its cache
+        rows and last logits are repeated for each sample (``shared_prompt_rows``).
         """
         from transformers import DynamicCache
 
@@ -366,10 +388,20 @@ class HFEngine(Sampler):
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=self.model.config)
         kw = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
-        out = self.model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, **kw)
+        first, expand = shared_prompt_rows(ids, mask.cpu())
+        if first is None:
+            out = self.model(input_ids=ids.to(device), attention_mask=mask,
+                             position_ids=positions, **kw)
+            last_logits = out.logits[:, -1, :]
+        else:
+            first, expand = first.to(device), expand.to(device)
+            out = self.model(input_ids=ids.to(device)[first], attention_mask=mask[first],
+                             position_ids=positions[first], **kw)
+            cache.batch_select_indices(expand)
+            last_logits = out.logits[expand, -1, :]
         positions = positions[:, -1:]
         for step in range(params.max_new_tokens):  # at least one: max_new_tokens >= 1
-            scores = out.logits[:, -1, :].float()
+            scores = (last_logits if step == 0 else out.logits[:, -1, :]).float()
             for warp in warpers:
                 scores = warp(None, scores)
             tokens, token_logp = draw_tokens(scores, keys, step)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cepo.contexts import render_prompt
 from cepo.sampler import HFEngine, SamplingParams
 from cepo.sampler.base import mix_seed
-from cepo.sampler.hf_engine import row_uniform
+from cepo.sampler.hf_engine import row_uniform, row_uniforms
 from tiny_lm import make_tiny_model_dir
 
 CONTENTS = ("1", "(12+34)*56-7", "3/4", "abc", "9*9=", "x+y", "100-1", "(1)")
@@ -126,6 +126,15 @@ def test_mix_seed_and_row_uniform_are_pure_and_spread():
     assert abs(u.mean().item() - 0.5) < 0.02 and abs(u.var().item() - 1 / 12) < 0.01
     counts = torch.histc(u, bins=10, min=0, max=1)
     assert counts.min() > 400 and counts.max() < 600  # 5000 draws, 500 expected per bin
+
+
+def test_row_uniforms_is_row_uniform_per_key():
+    """The per-step batch form gives row_uniform's numbers exactly, negative and huge keys
+    included."""
+    keys = [mix_seed(9, j) for j in range(40)] + [-5, 0, 2 ** 70, -(2 ** 63)]
+    for step in (0, 1, 63, 10 ** 6):
+        assert row_uniforms(keys, step) == [row_uniform(k, step) for k in keys]
+    assert row_uniforms([], 3) == []
 
 
 def test_first_token_frequencies_match_the_processed_distribution(source, tok):

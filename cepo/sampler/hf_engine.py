@@ -12,6 +12,7 @@ vocab] score tensor is kept) and forces it, so ``generate`` runs greedy.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import os
 from typing import Iterable
@@ -29,6 +30,17 @@ def row_uniform(row_key: int, step: int) -> float:
     return ((mix_seed(row_key, step) >> 9) + 0.5) / float(1 << 53)
 
 
+def row_uniforms(row_keys: list[int], step: int) -> list[float]:
+    """``[row_uniform(k, step) for k in row_keys]``, the same numbers at less than half the
+    cost (the step's bytes are encoded once; called once per decoding step)."""
+    tail = int(step).to_bytes(16, "little", signed=True)
+    blake, from_bytes = hashlib.blake2b, int.from_bytes
+    # mix_seed's 62 bits (>> 2), then row_uniform's top 53 of them (>> 9)
+    return [((from_bytes(blake(int(k).to_bytes(16, "little", signed=True) + tail,
+                               digest_size=8).digest(), "little") >> 11) + 0.5) / float(1 << 53)
+            for k in row_keys]
+
+
 def draw_tokens(scores: torch.Tensor, row_keys: list[int] | None,
                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's next token and its log-probability: ([B] long, [B] float32).
@@ -42,7 +54,7 @@ def draw_tokens(scores: torch.Tensor, row_keys: list[int] | None,
     if row_keys is None:
         tokens = scores.argmax(-1)
     else:
-        u = torch.tensor([row_uniform(k, step) for k in row_keys],
+        u = torch.tensor(row_uniforms(row_keys, step),
                          dtype=torch.float64, device=scores.device)
         cdf = logp.double().exp().cumsum(-1)   # [B, V]; rows sum to 1 up to rounding
         tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0]

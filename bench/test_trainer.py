@@ -68,6 +68,22 @@ def markdown(meta: dict) -> str:
                   "excluded. The teacher phase runs only while lambda > 0 (the first t_warm "
                   "steps); \"vs GRPO\" also carries the runs' different response lengths, "
                   "\"teacher share\" is the teacher phase alone.", ""]
+    shared = _RESULTS.get("shared_context")
+    if shared:
+        lines += [f"## Shared-context packing vs plain packing ({shared['model']})", "",
+                  "| pass | groups x G | context tokens | response tokens (mean) | plain tokens | "
+                  "shared tokens | plain s | shared s | speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in shared["rows"]:
+            lines.append(f"| {'update (fwd + bwd)' if r['grad'] else 'teacher (no grad)'} | "
+                         f"{r['groups']} x {r['group_size']} | {r['context_len']} | "
+                         f"{r['response_len']} | {r['plain_tokens']} | {r['shared_tokens']} | "
+                         f"{r['plain_s']:.3f} | {r['shared_s']:.3f} | {r['speedup']:.2f}x |")
+        lines += ["", "One packed pass over a step's groups, each group's G rollouts under one "
+                  "context (the teacher's hinted prompt, or the policy's prompt in the update): "
+                  "every (context, response) sequence packed whole, against each context run "
+                  "once with its responses after it (cepo.shared_context; same hidden states, "
+                  "tests/test_shared_context.py). Median of round-robin timings.", ""]
     mem = _RESULTS.get("update_memory")
     if mem:
         lines += [f"## Update micro-batch: fused head vs naive logits ({mem['model']})", "",
@@ -148,6 +164,28 @@ def test_trainer_whole_run(bench, tmp_path):
     _write(bench)
     for r in rows:
         assert r["steps_timed"] >= 1 and r["total_step_s"] > 0
+
+
+def test_trainer_shared_context_pass(bench):
+    """A packed pass over a step's groups with each group's context run once (shared-context
+    packing) against every (context, response) sequence packed whole: the embedded
+    default's shape (16-token contexts), a long prompt and an image-sized one."""
+    cuda = torch.device(bench.device).type == "cuda"
+    shape = trainer.QWEN3_0_6B if cuda else trainer.CPU_MEMORY_MODEL
+    dtype = torch.bfloat16 if cuda else torch.float32
+    policy = trainer.FusedHeadPolicy(trainer.random_model(shape, dtype).to(bench.device))
+    cases = {"tiny": [(16, 24)], "small": [(16, 24), (256, 64), (1024, 128)],
+             "full": [(16, 24), (256, 256), (1024, 512)]}[bench.size]
+    groups, group_size = (4, 8) if not cuda else (16, 8)
+    rows = [trainer.shared_context_pass(policy, groups=groups, group_size=group_size,
+                                        context_len=c, response_len=r, grad=grad)
+            for c, r in cases for grad in (False, True)]
+    _RESULTS["shared_context"] = {
+        "model": f"random Qwen3, H {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+                 f"{str(dtype).removeprefix('torch.')}", "rows": rows}
+    _write(bench)
+    for r in rows:
+        assert r["shared_tokens"] < r["plain_tokens"] and r["plain_s"] > 0 and r["shared_s"] > 0
 
 
 def test_trainer_update_memory(bench):

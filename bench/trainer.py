@@ -180,3 +180,67 @@ def largest_budget(policy, head: str, device, *, start: int = 4096, cap: int = 1
             ok = budget
     return {"head": head, "largest_ok": ok, "first_oom": bad, "capped": bad is None,
             "trials": rows}
+
+
+def _group_rows(groups: int, group_size: int, context_len: int, response_len: int,
+                vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """(contexts, responses), one per rollout: ``groups`` random contexts of
+    ``context_len`` tokens, each followed by ``group_size`` responses of 1/2 to 3/2 times
+    ``response_len`` tokens (a step's groups under one teacher context each)."""
+    import random
+
+    rng = random.Random(seed)
+    contexts, responses = [], []
+    for _ in range(groups):
+        ctx = [rng.randrange(1, vocab) for _ in range(context_len)]
+        for _ in range(group_size):
+            n = rng.randint(max(1, response_len // 2), response_len * 3 // 2)
+            contexts.append(ctx)
+            responses.append([rng.randrange(1, vocab) for _ in range(n)])
+    return contexts, responses
+
+
+def shared_context_pass(policy, *, groups: int, group_size: int, context_len: int,
+                        response_len: int, grad: bool, token_budget: int = 1 << 16) -> dict:
+    """One packed pass over ``groups`` x ``group_size`` (context, response) sequences,
+    each context shared by its group: the plain packing (every sequence whole) against
+    shared-context packing (each context once, cepo.shared_context), as the teacher
+    phase (no grad) or the update (forward + backward of the gathered hidden states)
+    runs it. Median seconds of each (round-robin timing) and the tokens each feeds."""
+    from cepo.step import Responses, Sequence, micro_batches
+
+    vocab = policy.head_weight().shape[0]
+    device = policy.head_weight().device
+    contexts, response_ids = _group_rows(groups, group_size, context_len, response_len, vocab)
+    responses = Responses.of(response_ids)
+    sequences = [Sequence(c, i) for i, c in enumerate(contexts)]
+    fed: dict[str, int] = {}
+
+    def run(share: bool):
+        def go():
+            tokens = 0
+            with torch.set_grad_enabled(grad):
+                for members, batch, index in micro_batches(sequences, responses, token_budget,
+                                                           device, share_contexts=share):
+                    tokens += batch.num_tokens
+                    h = policy(batch, index)
+                    if grad:
+                        h.float().square().mean().backward()
+            if grad:
+                policy.zero_grad(set_to_none=True)
+            fed["shared" if share else "plain"] = tokens
+        return go
+
+    fns = {"plain": run(False), "shared": run(True)}
+    for fn in fns.values():  # warm-up
+        fn()
+    if timing.is_cuda(device):
+        seconds = {k: timing.measure_cuda(fn, device).time_ms / 1e3 for k, fn in fns.items()}
+    else:
+        times = timing.time_cpu_round_robin(fns, min_rounds=3, max_rounds=7, budget_s=5.0)
+        seconds = {k: statistics.median(v) / 1e3 for k, v in times.items()}
+    return {"groups": groups, "group_size": group_size, "context_len": context_len,
+            "response_len": response_len, "grad": grad,
+            "plain_s": seconds["plain"], "shared_s": seconds["shared"],
+            "plain_tokens": fed["plain"], "shared_tokens": fed["shared"],
+            "speedup": seconds["plain"] / seconds["shared"]}

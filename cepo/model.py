@@ -207,6 +207,19 @@ def packed_attention_kwargs(config, batch: PackedBatch, compute_dtype: torch.dty
                      "or 'flash_attention_2'")
 
 
+def supports_shared_contexts(model: nn.Module) -> bool:
+    """True when packed passes of this causal LM (the plain HF model) can run shared-context
+    batches (cepo.shared_context): a text model whose packed attention is cepo's varlen
+    SDPA (implementation "sdpa") and whose every layer is attention (full or sliding)."""
+    config = model.config
+    if getattr(config, "vision_config", None) is not None:
+        return False
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return set(layer_types) <= {"full_attention", "sliding_attention"}
+
+
 def body_hidden_states(body: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """[T, H] final hidden states (after the final norm) of one packed row.
 
@@ -239,9 +252,15 @@ def run_packed(module: nn.Module, batch: PackedBatch, **inputs):
     mask); the other implementations get the boundaries from packed_attention_kwargs.
     """
     if getattr(module.config, "_attn_implementation", None) == "sdpa":
+        extra = {} if batch.prefix_of is None else {"cepo_prefix_of": batch.prefix_of}
         with varlen_attention.packed_forward(module.config):
             return module(**inputs, use_cache=False,
-                          cepo_seq_bounds=[0, *itertools.accumulate(batch.seq_lens)])
+                          cepo_seq_bounds=[0, *itertools.accumulate(batch.seq_lens)], **extra)
+    if batch.prefix_of is not None:
+        raise ValueError(f"run_packed: a shared-context batch needs the 'sdpa' attention "
+                         f"implementation (cepo.varlen_attention), not "
+                         f"{module.config._attn_implementation!r}; check "
+                         "supports_shared_contexts before building one")
     # the dtype attention scores are computed in: the embedding's, which under an FSDP2
     # mixed-precision policy is the unsharded (bf16) parameter during the forward
     compute_dtype = module.get_input_embeddings().weight.dtype

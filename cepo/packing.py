@@ -31,6 +31,9 @@ class PackedBatch:
     input_ids, position_ids: [1, T] long (positions restart at 0 per sequence);
     cu_seqlens: [B + 1] int32 cumulative lengths (flash-attn varlen layout);
     seq_lens: the B lengths; max_seqlen: the longest of them.
+    prefix_of: None for plain packing; else, per segment, the index of the segment it
+    continues (it attends to that segment, its shared context, before itself; its
+    positions continue from it) or -1 (cepo.shared_context).
     """
 
     input_ids: torch.Tensor
@@ -38,13 +41,15 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     seq_lens: list[int]
     max_seqlen: int
+    prefix_of: list[int] | None = None
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
         """A copy with the tensors on ``device`` (lengths stay Python ints)."""
         return PackedBatch(self.input_ids.to(device, non_blocking=non_blocking),
                            self.position_ids.to(device, non_blocking=non_blocking),
                            self.cu_seqlens.to(device, non_blocking=non_blocking),
-                           list(self.seq_lens), self.max_seqlen)
+                           list(self.seq_lens), self.max_seqlen,
+                           None if self.prefix_of is None else list(self.prefix_of))
 
     @property
     def num_tokens(self) -> int:

@@ -10,7 +10,9 @@ number of micro-batches (FSDP2's collectives must match), padding with
 The teacher phase is ONE pass: every (context, response) sequence it needs (policy,
 correct teacher, wrong teacher) is packed into the same set of micro-batches
 (``context_hidden_states``), so the three contexts share micro-batches and FSDP2
-all-gathers instead of paying them three times.
+all-gathers instead of paying them three times. Within a micro-batch a context shared by
+several rollouts (a group's prompt, or its hinted teacher context) runs once, its
+responses after it (cepo.shared_context), in the teacher phase and in the update alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 
 import cepo_kernels as ck
 from cepo.distributed import all_reduce_max
+from cepo.model import supports_shared_contexts
 from cepo.packing import pack_by_budget, pack_sequences, padding_micro_batch, response_gather_index
+from cepo.shared_context import pack_shared_contexts, plan_shared_contexts
 
 
 @dataclass
@@ -62,10 +66,17 @@ class Sequence:
 
 
 def micro_batches(sequences: list[Sequence], responses: Responses, token_budget: int,
-                  device: torch.device):
+                  device: torch.device, *, share_contexts: bool = False):
     """Yield, per micro-batch, (member indices into ``sequences``, PackedBatch, gather
     index [M] of the rows predicting the members' response tokens, in member order), or
-    None for a padding turn. Every rank yields the same number of items (collective)."""
+    None for a padding turn. Every rank yields the same number of items (collective).
+
+    share_contexts: sequences with identical contexts (a group's rollouts under one
+    context) run that context once (cepo.shared_context); the model must support it
+    (``cepo.model.supports_shared_contexts``). The hidden states are the same."""
+    if share_contexts:
+        yield from _shared_micro_batches(sequences, responses, token_budget, device)
+        return
     full = [s.context + responses.response_ids[s.rollout] for s in sequences]
     groups = pack_by_budget([len(f) for f in full], token_budget) if full else []
     count = all_reduce_max(len(groups), device)
@@ -78,6 +89,21 @@ def micro_batches(sequences: list[Sequence], responses: Responses, token_budget:
         index, _ = response_gather_index(
             batch, [len(sequences[i].context) for i in members],
             [len(responses.response_ids[sequences[i].rollout]) for i in members])
+        yield members, batch.to(device), index.to(device)
+
+
+def _shared_micro_batches(sequences: list[Sequence], responses: Responses, token_budget: int,
+                          device: torch.device):
+    """``micro_batches`` with shared contexts (same items, same collective count)."""
+    per_sequence = [responses.response_ids[s.rollout] for s in sequences]
+    plan = plan_shared_contexts([s.context for s in sequences],
+                                [len(r) for r in per_sequence], token_budget)
+    count = all_reduce_max(len(plan), device)
+    for k in range(count):
+        if k >= len(plan):
+            yield None
+            continue
+        batch, index, members = pack_shared_contexts(plan[k], per_sequence)
         yield members, batch.to(device), index.to(device)
 
 
@@ -144,8 +170,9 @@ def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
 
     contexts: name -> one context (token ids) per rollout, or None where that rollout
     does not need this context (its rows stay 0). Every name gets an [N, H] tensor in
-    canonical order. images (vision-language policies): one ``cepo.vision.ImageInputs``
-    (or None) per rollout, the same for every context of the rollout; each distinct
+    canonical order. Identical contexts (a group's rollouts) run once per micro-batch,
+    their responses after them (cepo.shared_context), for text policies on SDPA.
+    images (vision-language policies): one ``cepo.vision.ImageInputs`` (or None) per rollout, the same for every context of the rollout; each distinct
     image is encoded once for the whole pass, or once per step with ``image_cache``
     (``PassImages``).
     """
@@ -154,7 +181,8 @@ def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
     out: dict[str, torch.Tensor] = {}
     hdim = policy.base.config.get_text_config().hidden_size
     vis = _pass_images(policy, images, grad=False, cache=image_cache)
-    for item in micro_batches(sequences, responses, token_budget, device):
+    share = vis is None and supports_shared_contexts(policy.base)
+    for item in micro_batches(sequences, responses, token_budget, device, share_contexts=share):
         if item is None:
             batch, index, _ = _padding_turn(pad_id, device)
             policy(batch, index, **(vis.padding_kwargs() if vis else {}))
@@ -325,7 +353,9 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     then the global number of sequences) and ``clip_dual`` go to fused_linear_ppo_loss
     when given. ``distill`` (OPSD / SDPO): the self-distillation loss on the same student
     forward, plus the PPO term weighted by its pg_coef when that is > 0.
-    images: as in ``context_hidden_states`` (one per rollout of ``policy_ctx``).
+    images: as in ``context_hidden_states`` (one per rollout of ``policy_ctx``). A
+    group's rollouts share their prompt's forward as in ``context_hidden_states``; the
+    prompt's activations then receive the sum of their responses' gradients.
     """
     picked = responses.positions(rollout_indices)
     local = Responses.of([responses.response_ids[i] for i in rollout_indices])
@@ -341,7 +371,8 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     # all of the rank's images (not only this mini-batch's): the step's first pass then
     # encodes the same set on every mini-batch split, and later ones reuse it alike
     vis = _pass_images(policy, images, grad=True, cache=image_cache)
-    for item in micro_batches(sequences, local, token_budget, device):
+    share = vis is None and supports_shared_contexts(policy.base)
+    for item in micro_batches(sequences, local, token_budget, device, share_contexts=share):
         if item is None:  # zero weight on the one token: loss exactly 0, zero gradients
             batch, index, targets = _padding_turn(pad_id, device)
             none = torch.zeros(1, device=device)

@@ -39,6 +39,9 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     SDPA); ``cepo_seq_bounds``: the T-row's sequence boundaries [0, ..., T] as a list of
     ints; ``sliding_window`` (Mistral, Qwen's sliding layers), when set, limits each query
     to the last ``sliding_window`` keys, as transformers' sliding-window mask does.
+    ``cepo_prefix_of`` (shared-context packing, cepo.shared_context), when given: per
+    sequence, the index of an earlier sequence it continues, or -1; a continuing sequence
+    attends to all of that one's keys, then causally to its own.
     Returns ([1, T, Hq, D], None), the layout transformers' attention functions return.
     """
     bounds = kwargs.get("cepo_seq_bounds")
@@ -50,13 +53,21 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                          f"{tuple(query.shape)}")
     gqa = query.shape[1] != key.shape[1]
     window = kwargs.get("sliding_window")
+    prefix_of = kwargs.get("cepo_prefix_of")
     drop = dropout if module.training else 0.0
     parts = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if b == a:
             continue
         q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
-        if window is not None and b - a > window:  # query i sees keys j with i - window < j <= i
+        if prefix_of is not None and prefix_of[s] >= 0:
+            pa, pb = bounds[prefix_of[s]], bounds[prefix_of[s] + 1]
+            k = torch.cat([key[:, :, pa:pb], k], dim=2)
+            v = torch.cat([value[:, :, pa:pb], v], dim=2)
+            parts.append(F.scaled_dot_product_attention(
+                q, k, v, attn_mask=_continuation_mask(b - a, pb - pa, window, query.device),
+                dropout_p=drop, scale=scaling, enable_gqa=gqa))
+        elif window is not None and b - a > window:  # query i sees keys j with i - window < j <= i
             i = torch.arange(b - a, device=query.device)
             band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=drop,
@@ -66,6 +77,19 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                                                         is_causal=True, enable_gqa=gqa))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _continuation_mask(n: int, c: int, window: int | None,
+                       device: torch.device) -> torch.Tensor:
+    """[n, c + n] bool: query i of a sequence that continues a c-token prefix (its position
+    c + i) sees key j (prefix first, then its own) iff j <= c + i, and, with a sliding
+    window, j > c + i - window."""
+    i = torch.arange(n, device=device)[:, None] + c
+    j = torch.arange(c + n, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    return allowed
 
 
 def register() -> None:

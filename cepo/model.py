@@ -208,13 +208,13 @@ def packed_attention_kwargs(config, batch: PackedBatch, compute_dtype: torch.dty
 
 
 def supports_shared_contexts(model: nn.Module) -> bool:
-    """True when packed passes of this causal LM (the plain HF model) can run shared-context
-    batches (cepo.shared_context): a text model whose packed attention is cepo's varlen
-    SDPA (implementation "sdpa") and whose every layer is attention (full or sliding)."""
-    config = model.config
-    if getattr(config, "vision_config", None) is not None:
-        return False
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    """True when packed passes of this model (the plain HF causal LM or vision-language
+    model) can run shared-context batches (cepo.shared_context): its (language model's)
+    packed attention is cepo's varlen SDPA (implementation "sdpa") and every layer is
+    attention (full or sliding)."""
+    config = model.config.get_text_config()
+    impl = getattr(config, "_attn_implementation", None)
+    if impl != "sdpa" or getattr(model.config, "_attn_implementation", impl) != "sdpa":
         return False
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     return set(layer_types) <= {"full_attention", "sliding_attention"}

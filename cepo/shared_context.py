@@ -105,3 +105,15 @@ def pack_shared_contexts(parts: list[SharedContext],
     batch = PackedBatch(torch.tensor(ids, dtype=torch.long)[None], torch.cat(positions)[None], cu,
                         seg_lens, max(seg_lens), prefix_of=prefix_of)
     return batch, torch.cat(index), members
+
+
+def segment_sources(batch: PackedBatch, members: list[int]) -> list[int]:
+    """Per packed segment of ``batch``, the sequence (caller's index) it belongs to: for a
+    plain batch its members in order; for a shared-context batch each response segment's
+    member, and a shared context the member of the response right after it (the first
+    that uses it). Per-sequence inputs (a vision-language rollout's images) follow this."""
+    if batch.prefix_of is None:
+        return list(members)
+    responses = iter(members)
+    source = [None if p < 0 else next(responses) for p in batch.prefix_of]
+    return [source[s + 1] if p < 0 else source[s] for s, p in enumerate(batch.prefix_of)]

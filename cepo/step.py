@@ -25,7 +25,7 @@ import cepo_kernels as ck
 from cepo.distributed import all_reduce_max
 from cepo.model import supports_shared_contexts
 from cepo.packing import pack_by_budget, pack_sequences, padding_micro_batch, response_gather_index
-from cepo.shared_context import pack_shared_contexts, plan_shared_contexts
+from cepo.shared_context import pack_shared_contexts, plan_shared_contexts, segment_sources
 
 
 @dataclass
@@ -171,7 +171,7 @@ def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
     contexts: name -> one context (token ids) per rollout, or None where that rollout
     does not need this context (its rows stay 0). Every name gets an [N, H] tensor in
     canonical order. Identical contexts (a group's rollouts) run once per micro-batch,
-    their responses after them (cepo.shared_context), for text policies on SDPA.
+    their responses after them (cepo.shared_context), for policies on SDPA.
     images (vision-language policies): one ``cepo.vision.ImageInputs`` (or None) per rollout, the same for every context of the rollout; each distinct
     image is encoded once for the whole pass, or once per step with ``image_cache``
     (``PassImages``).
@@ -181,14 +181,15 @@ def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
     out: dict[str, torch.Tensor] = {}
     hdim = policy.base.config.get_text_config().hidden_size
     vis = _pass_images(policy, images, grad=False, cache=image_cache)
-    share = vis is None and supports_shared_contexts(policy.base)
+    share = supports_shared_contexts(policy.base)
     for item in micro_batches(sequences, responses, token_budget, device, share_contexts=share):
         if item is None:
             batch, index, _ = _padding_turn(pad_id, device)
             policy(batch, index, **(vis.padding_kwargs() if vis else {}))
             continue
         members, batch, index = item
-        extra = vis.kwargs([sequences[j].rollout for j in members]) if vis else {}
+        extra = (vis.kwargs([sequences[j].rollout for j in segment_sources(batch, members)])
+                 if vis else {})
         h = policy(batch, index, **extra)
         if not out:
             out = {name: h.new_zeros(responses.num_tokens, hdim) for name in contexts}
@@ -371,7 +372,7 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
     # all of the rank's images (not only this mini-batch's): the step's first pass then
     # encodes the same set on every mini-batch split, and later ones reuse it alike
     vis = _pass_images(policy, images, grad=True, cache=image_cache)
-    share = vis is None and supports_shared_contexts(policy.base)
+    share = supports_shared_contexts(policy.base)
     for item in micro_batches(sequences, local, token_budget, device, share_contexts=share):
         if item is None:  # zero weight on the one token: loss exactly 0, zero gradients
             batch, index, targets = _padding_turn(pad_id, device)
@@ -394,8 +395,8 @@ def ppo_update(policy, policy_ctx, responses: Responses, rollout_indices: list[i
             ppo["token_weights"] = weights[pos]
         if clip_dual is not None:
             ppo["clip_dual"] = clip_dual
-        image_kwargs = (vis.kwargs([rollout_indices[sequences[j].rollout] for j in members])
-                        if vis else {})
+        image_kwargs = (vis.kwargs([rollout_indices[sequences[j].rollout]
+                                    for j in segment_sources(batch, members)]) if vis else {})
         if distill is None:
             loss, stats = policy(batch, index, targets, ppo=ppo, **image_kwargs)
             logprobs = stats.logprobs

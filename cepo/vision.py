@@ -314,7 +314,9 @@ def packed_hidden_states(base: nn.Module, batch, seq_images: list[ImageInputs | 
                          encoded: Encoded, anchor: torch.Tensor | None = None) -> torch.Tensor:
     """[T, H] final hidden states of one packed row of a VL model (see the module doc).
 
-    seq_images: the images of each packed sequence (None: text only), in pack order;
+    seq_images: the images of each packed sequence (None: text only), in pack order; a
+    response segment of a shared-context batch (``batch.prefix_of``) carries its
+    context's images, which only the context segment places;
     encoded: their embeddings (``encode_images``), by key. The image embeddings are
     scattered into the ``<|image_pad|>`` positions sequence by sequence, image by image.
     anchor: a scalar added times 0 to the input embeddings (a dummy image's output), so
@@ -333,8 +335,19 @@ def packed_hidden_states(base: nn.Module, batch, seq_images: list[ImageInputs | 
         embeds = embeds + 0.0 * anchor
     rows, deep_rows, positions, masks = [], None, [], []
     starts = batch.cu_seqlens.tolist()
+    prefix_of = batch.prefix_of or [-1] * batch.num_sequences
     for k, images in enumerate(seq_images):
         seq_ids = ids[0, starts[k]:starts[k + 1]]
+        if prefix_of[k] >= 0:  # a response after its shared context (cepo.shared_context):
+            # the positions of (context + response) from the model's own rope index, its
+            # part of them; its images are the context's, placed there
+            p = prefix_of[k]
+            full = torch.cat([ids[0, starts[p]:starts[p + 1]], seq_ids])
+            full_mask = image_token_mask(base, full, images)
+            c = starts[p + 1] - starts[p]
+            masks.append(full_mask[c:])
+            positions.append(mrope_positions(base, full, images, full_mask)[:, c:])
+            continue
         masks.append(image_token_mask(base, seq_ids, images))
         positions.append(mrope_positions(base, seq_ids, images, masks[-1]))
         if images is None:

@@ -19,6 +19,7 @@ convention, passed down to every attention call by transformers) plus a host cop
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -55,41 +56,80 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     window = kwargs.get("sliding_window")
     prefix_of = kwargs.get("cepo_prefix_of")
     drop = dropout if module.training else 0.0
+
+    def attend(q, k, v, mask=None):
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=scaling,
+                                                  is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
+                                              scale=scaling, enable_gqa=gqa)
+
     parts = []
-    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    n_seq, s = len(bounds) - 1, 0
+    while s < n_seq:
+        a, b = bounds[s], bounds[s + 1]
+        p = -1 if prefix_of is None else prefix_of[s]
+        if p >= 0:  # a run of sequences continuing the same prefix (a shared context)
+            e = s
+            while e + 1 < n_seq and prefix_of[e + 1] == p:
+                e += 1
+            pa, pb, end = bounds[p], bounds[p + 1], bounds[e + 1]
+            if pb == a and end - a <= GROUP_QUERIES:  # right after it, few tokens: one call
+                mask = _continuation_mask(tuple(bounds[k + 1] - bounds[k] for k in range(s, e + 1)),
+                                          pb - pa, window, str(query.device))
+                parts.append(attend(query[:, :, a:end], key[:, :, pa:end], value[:, :, pa:end],
+                                    mask))
+            else:
+                for k in range(s, e + 1):
+                    ka, kb = bounds[k], bounds[k + 1]
+                    if kb == ka:
+                        continue
+                    mask = _continuation_mask((kb - ka,), pb - pa, window, str(query.device))
+                    parts.append(attend(query[:, :, ka:kb],
+                                        torch.cat([key[:, :, pa:pb], key[:, :, ka:kb]], dim=2),
+                                        torch.cat([value[:, :, pa:pb], value[:, :, ka:kb]], dim=2),
+                                        mask))
+            s = e + 1
+            continue
+        s += 1
         if b == a:
             continue
         q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
-        if prefix_of is not None and prefix_of[s] >= 0:
-            pa, pb = bounds[prefix_of[s]], bounds[prefix_of[s] + 1]
-            k = torch.cat([key[:, :, pa:pb], k], dim=2)
-            v = torch.cat([value[:, :, pa:pb], v], dim=2)
-            parts.append(F.scaled_dot_product_attention(
-                q, k, v, attn_mask=_continuation_mask(b - a, pb - pa, window, query.device),
-                dropout_p=drop, scale=scaling, enable_gqa=gqa))
-        elif window is not None and b - a > window:  # query i sees keys j with i - window < j <= i
+        if window is not None and b - a > window:  # query i sees keys j with i - window < j <= i
             i = torch.arange(b - a, device=query.device)
             band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=drop,
-                                                        scale=scaling, enable_gqa=gqa))
+            parts.append(attend(q, k, v, band))
         else:
-            parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=scaling,
-                                                        is_causal=True, enable_gqa=gqa))
+            parts.append(attend(q, k, v))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _continuation_mask(n: int, c: int, window: int | None,
-                       device: torch.device) -> torch.Tensor:
-    """[n, c + n] bool: query i of a sequence that continues a c-token prefix (its position
-    c + i) sees key j (prefix first, then its own) iff j <= c + i, and, with a sliding
-    window, j > c + i - window."""
-    i = torch.arange(n, device=device)[:, None] + c
-    j = torch.arange(c + n, device=device)[None, :]
-    allowed = j <= i
+GROUP_QUERIES = 512
+"""Responses after one shared context totalling at most this many tokens attend in one
+SDPA call (a block mask over the context and all of them; the extra scores it computes
+cost less than a call per response); longer ones get a call each."""
+
+
+@functools.lru_cache(maxsize=512)
+def _continuation_mask(lengths: tuple[int, ...], c: int, window: int | None,
+                       device: str) -> torch.Tensor:
+    """[R, c + R] bool for sequences of ``lengths`` (R tokens in all) that each continue
+    the same c-token prefix and follow it in the row: the query at offset t of sequence i
+    (position c + t) sees every prefix key j < c with j <= c + t, and its own sequence's
+    keys up to itself, never another sequence's; with a sliding window, only keys whose
+    position is > c + t - window. Cached: every layer of a forward asks for the same."""
+    lens = torch.tensor(lengths, dtype=torch.long)
+    total = int(lens.sum())
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), lens)              # [R]
+    offset = torch.arange(total) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    q_pos = c + offset
+    k_pos = torch.cat([torch.arange(c), q_pos])
+    k_seq = torch.cat([torch.full((c,), -1, dtype=torch.long), seq])
+    allowed = ((k_seq[None] == -1) | (k_seq[None] == seq[:, None])) & (k_pos[None] <= q_pos[:, None])
     if window is not None:
-        allowed &= j > i - window
-    return allowed
+        allowed &= k_pos[None] > q_pos[:, None] - window
+    return allowed.to(device)
 
 
 def register() -> None:

@@ -69,7 +69,11 @@ def _shared(body, contexts, responses, budget=4096):
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama", "mistral-window"])
 @pytest.mark.parametrize("budget", [4096, 30])  # one micro-batch; contexts split over several
-def test_shared_contexts_equal_separate_sequences(kind, budget):
+@pytest.mark.parametrize("group_queries", [512, 0])  # one attention call per context; per response
+def test_shared_contexts_equal_separate_sequences(kind, budget, group_queries, monkeypatch):
+    from cepo import varlen_attention
+
+    monkeypatch.setattr(varlen_attention, "GROUP_QUERIES", group_queries)
     model = _model(kind)
     body = decoder_body(model)
     contexts, responses = _groups(0)

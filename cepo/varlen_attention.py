@@ -126,7 +126,8 @@ def _continuation_mask(lengths: tuple[int, ...], c: int, window: int | None,
     q_pos = c + offset
     k_pos = torch.cat([torch.arange(c), q_pos])
     k_seq = torch.cat([torch.full((c,), -1, dtype=torch.long), seq])
-    allowed = ((k_seq[None] == -1) | (k_seq[None] == seq[:, None])) & (k_pos[None] <= q_pos[:, None])
+    visible = (k_seq[None] == -1) | (k_seq[None] == seq[:, None])   # the prefix, or itself
+    allowed = visible & (k_pos[None] <= q_pos[:, None])
     if window is not None:
         allowed &= k_pos[None] > q_pos[:, None] - window
     return allowed.to(device)

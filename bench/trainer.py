@@ -99,6 +99,19 @@ def step_time_split(algo: str, model: Path | None, out: Path, *, device: str,
             "peak_memory_gb": max(r["peak_memory_gb"] for r in rows)}
 
 
+def mean_of_runs(runs: list[dict]) -> dict:
+    """``step_time_split`` results of repeated runs of one algorithm, averaged field by
+    field (numbers), with ``run_totals_s`` the steps-total of each run (the spread)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.fmean(r[key] for r in runs)
+    out["steps_timed"] = runs[0]["steps_timed"]
+    out["teacher_steps"] = runs[0]["teacher_steps"]
+    out["run_totals_s"] = [r["total_step_s"] for r in runs]
+    return out
+
+
 def _packed(budget: int, vocab: int, device, seq_len: int = 512):
     """A packed row of ``budget`` random tokens in sequences of ``seq_len`` (the second
     half of each is the response), with its gather index and targets."""

@@ -173,9 +173,9 @@ def test_prompt_done_fires_between_micro_batches(engine, monkeypatch):
     events = []
     real = sampler._generate_batch
 
-    def batch(prompts, keys, params, *images):
+    def batch(prompts, keys, params, *images, **kwargs):
         events.append(("batch", len(prompts)))
-        return real(prompts, keys, params, *images)
+        return real(prompts, keys, params, *images, **kwargs)
 
     monkeypatch.setattr(sampler, "_generate_batch", batch)
     prompts = prompt_ids(tok, "a", "bb", "ccc")  # 3 prompts x 2 samples, 4 rows per batch

@@ -108,6 +108,35 @@ def test_rows_leave_the_batch(model_dir):
     assert sum(rows) == sum(len(c.trained_ids) - 1 for g in out for c in g)
 
 
+def test_prompts_are_reported_at_the_step_their_last_row_stops(model_dir):
+    """With on_prompt_done, compact decoding reports a prompt as soon as its last row
+    stops, before the decoding of the other rows ends; every prompt once, and the
+    completions are those of a call without the callback."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eng = HFEngine(str(model_dir), tokenizer=tok, max_batch_size=64)
+    prompts = [render_prompt(tok, c) for c in CONTENTS]
+    params = SamplingParams(max_new_tokens=12, return_logprobs=True)
+    seeds = list(range(len(CONTENTS)))
+    plain = eng.generate(prompts, 2, params, seeds=seeds)
+    forwards, reported = [], []
+    forward = eng.model.forward
+
+    def counting(*args, **kwargs):
+        forwards.append(1)
+        return forward(*args, **kwargs)
+
+    eng.model.forward = counting
+    out = eng.generate(prompts, 2, params, seeds=seeds,
+                       on_prompt_done=lambda p, group: reported.append((p, len(forwards), group)))
+    assert sorted(p for p, _, _ in reported) == list(range(len(CONTENTS)))
+    assert any(at < len(forwards) for _, at, _ in reported)  # before the last forward
+    assert summary(out) == summary(plain)
+    assert all(group is out[p] for p, _, group in reported)
+    for p, _, group in reported:  # a reported group is final: its rows' own lengths
+        lengths = [len(c.token_ids) for c in group]
+        assert lengths == [len(c.token_ids) for c in plain[p]]
+
+
 def test_shared_prompt_rows():
     """Runs of identical adjacent rows (same ids and mask) are found; x[first][expand]
     rebuilds the batch; a batch without repeats (or of one row) gives (None, None)."""

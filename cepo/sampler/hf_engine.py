@@ -271,8 +271,10 @@ class HFEngine(Sampler):
         ``params.seed`` and the prompt's position, or, when that is None too, from one
         draw of torch's global RNG (the only use of it: a seeded call leaves it alone).
         Greedy decoding generates each prompt once and copies it n times.
-        ``on_prompt_done`` is called after the micro-batch that completes a prompt, so
-        scoring overlaps the micro-batches still to come.
+        ``on_prompt_done`` is called as soon as a prompt's rows are all complete: with
+        compact decoding, at the decoding step where its last row stops (scoring then
+        overlaps the decoding of the rows still running); with ``generate``, after the
+        micro-batch that completes it.
         images (vision-language models): one ``cepo.vision.ImageInputs`` (or None) per
         prompt, whose ``<|image_pad|>`` tokens are already expanded in its token ids; each
         row gets its prompt's pixels.
@@ -297,21 +299,24 @@ class HFEngine(Sampler):
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start:start + self.max_batch_size]
             keys = None if per_prompt is None else [mix_seed(per_prompt[p], j) for p, j in chunk]
-            batch = self._generate_batch([list(prompt_token_ids[p]) for p, _ in chunk], keys,
-                                         params, None if images is None
-                                         else [images[p] for p, _ in chunk])
-            done = []
-            for (p, j), comp in zip(chunk, batch):
+
+            def deliver(i: int, comp: Completion, chunk=chunk) -> None:
+                """Row i of the micro-batch is complete; a prompt whose rows all are goes
+                to ``on_prompt_done`` at once (scoring overlaps the decoding still to come)."""
+                p, j = chunk[i]
                 comp.prompt_index = p
                 results[p][j] = comp
                 missing[p] -= 1
                 if missing[p] == 0:
-                    done.append(p)
-            for p in done:
-                if copies == 1 and n > 1:
-                    results[p] = results[p] + [copy.deepcopy(results[p][0]) for _ in range(n - 1)]
-                if on_prompt_done is not None:
-                    on_prompt_done(p, results[p])
+                    if copies == 1 and n > 1:
+                        results[p] = results[p] + [copy.deepcopy(results[p][0])
+                                                   for _ in range(n - 1)]
+                    if on_prompt_done is not None:
+                        on_prompt_done(p, results[p])
+
+            self._generate_batch([list(prompt_token_ids[p]) for p, _ in chunk], keys, params,
+                                 None if images is None else [images[p] for p, _ in chunk],
+                                 deliver=deliver, early=on_prompt_done is not None)
         return results
 
     def _vision_kwargs(self, ids: torch.Tensor, images: list | None) -> dict:
@@ -325,7 +330,11 @@ class HFEngine(Sampler):
                     mm_token_type_ids=(ids == image_id).int().to(self.device))
 
     def _generate_batch(self, prompts: list[list[int]], row_keys: list[int] | None,
-                        params: SamplingParams, images: list | None = None) -> list[Completion]:
+                        params: SamplingParams, images: list | None = None, *,
+                        deliver, early: bool = False) -> None:
+        """Generate one micro-batch (left-padded), handing each row's ``Completion`` to
+        ``deliver(row, completion)`` exactly once: with compact decoding and ``early``,
+        at the step where the row stops; otherwise all at the end."""
         from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper,
                                   TopKLogitsWarper, TopPLogitsWarper)
 
@@ -344,7 +353,14 @@ class HFEngine(Sampler):
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
         if self.compact and images is None:
-            new, logprobs = self._decode_compact(ids, mask, row_keys, params, processors)
+            on_stop = None
+            if early:
+                def on_stop(done_rows, new, logprobs):  # rows whose last token is in
+                    for i in done_rows:
+                        deliver(i, self._completion(new[i].tolist(), None if logprobs is None
+                                                    else logprobs[i]))
+            new, logprobs, delivered = self._decode_compact(ids, mask, row_keys, params,
+                                                            processors, on_stop)
         else:
             # generate's own pick is greedy: _RowSampler, last, has already chosen the token
             config = GenerationConfig(
@@ -359,28 +375,35 @@ class HFEngine(Sampler):
                                       **self._vision_kwargs(ids, images))
             new = out.sequences[:, width:].cpu()
             logprobs = sampler.result(new.shape[1]) if params.return_logprobs else None
-        stop = set(self.stop_ids)
-        completions = []
+            delivered = set()
         for i in range(len(prompts)):
-            row = new[i].tolist()
-            cut = next((j for j, t in enumerate(row) if t in stop), None)
-            reason = "length" if cut is None else "stop"
-            tokens = row if cut is None else row[:cut]
-            trained = len(tokens) + (cut is not None)
-            completions.append(Completion(
-                prompt_index=-1, token_ids=tokens, finish_reason=reason,
-                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                logprobs=logprobs[i, :trained].tolist() if logprobs is not None else None,
-                stop_token_id=None if cut is None else row[cut]))
-        return completions
+            if i not in delivered:
+                deliver(i, self._completion(new[i].tolist(),
+                                            None if logprobs is None else logprobs[i]))
+
+    def _completion(self, row: list[int], logprobs: torch.Tensor | None) -> Completion:
+        """A row's Completion from its generated ids (pad after a stop token) and the
+        per-step log-probs [steps] (or None)."""
+        stop = set(self.stop_ids)
+        cut = next((j for j, t in enumerate(row) if t in stop), None)
+        tokens = row if cut is None else row[:cut]
+        trained = len(tokens) + (cut is not None)
+        return Completion(
+            prompt_index=-1, token_ids=tokens, finish_reason="length" if cut is None else "stop",
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            logprobs=logprobs[:trained].tolist() if logprobs is not None else None,
+            stop_token_id=None if cut is None else row[cut])
 
     def _decode_compact(self, ids: torch.Tensor, mask: torch.Tensor, row_keys: list[int] | None,
-                        params: SamplingParams, warpers) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        params: SamplingParams, warpers, on_stop=None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, set[int]]:
         """Decode a left-padded batch ([B, W] ids and mask), dropping rows as they stop.
 
         Returns ([B, steps] generated ids, pad after a row's stop token; [B, steps]
         log-probs or None), the layout ``generate`` gives, so one completion builder
-        serves both. Positions are ``generate``'s (cumsum of the mask - 1), the first step
+        serves both, and the rows already handed to ``on_stop``. ``on_stop(rows, new,
+        logprobs)``, when given, is called at each step where rows emit a stop token
+        (before the next forward), with those rows' indices and the buffers so far. Positions are ``generate``'s (cumsum of the mask - 1), the first step
         reads only the last prompt position's logits (``logits_to_keep=1``), and a row
         that emits a stop token leaves the batch: its cache rows, mask row, position and
         key are dropped before the next forward. Identical adjacent prompt rows (a
@@ -396,6 +419,7 @@ class HFEngine(Sampler):
         logprobs = torch.zeros((batch, params.max_new_tokens)) if params.return_logprobs else None
         rows = torch.arange(batch)                           # original index of each live row
         keys = row_keys
+        delivered: set[int] = set()
         mask = mask.to(device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=self.model.config)
@@ -421,6 +445,10 @@ class HFEngine(Sampler):
             if logprobs is not None:
                 logprobs[rows, step] = token_logp.cpu()
             live = ~torch.isin(tokens, stop)
+            if on_stop is not None and not bool(live.all()):
+                stopped = rows[(~live).cpu()].tolist()
+                on_stop(stopped, new, logprobs)
+                delivered.update(stopped)
             if step + 1 == params.max_new_tokens or not bool(live.any()):
                 break
             if not bool(live.all()):
@@ -435,7 +463,7 @@ class HFEngine(Sampler):
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
                              **kw)
         steps = step + 1
-        return new[:, :steps], None if logprobs is None else logprobs[:, :steps]
+        return new[:, :steps], None if logprobs is None else logprobs[:, :steps], delivered
 
     def close(self) -> None:
         """Drop the model copy (and the CUDA cache it used)."""

@@ -53,8 +53,8 @@ def markdown(meta: dict) -> str:
     if whole:
         lines += [f"## Whole run ({whole['model']})", "",
                   "| algo | steps | steps with lambda > 0 | generate s | score s | teacher s | "
-                  "update s | sync s | steps total s | runs (min-max) s | vs GRPO | teacher share | "
-                  "generate share |",
+                  "update s | sync s | steps total s | runs (min-max) s | vs GRPO | "
+                  "teacher share | generate share |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         grpo = next((r["total_step_s"] for r in whole["rows"] if r["algo"] == "grpo"), None)
         for r in whole["rows"]:

@@ -172,9 +172,9 @@ def context_hidden_states(policy, contexts: dict[str, list[list[int] | None]],
     does not need this context (its rows stay 0). Every name gets an [N, H] tensor in
     canonical order. Identical contexts (a group's rollouts) run once per micro-batch,
     their responses after them (cepo.shared_context), for policies on SDPA.
-    images (vision-language policies): one ``cepo.vision.ImageInputs`` (or None) per rollout, the same for every context of the rollout; each distinct
-    image is encoded once for the whole pass, or once per step with ``image_cache``
-    (``PassImages``).
+    images (vision-language policies): one ``cepo.vision.ImageInputs`` (or None) per
+    rollout, the same for every context of the rollout; each distinct image is encoded
+    once for the whole pass, or once per step with ``image_cache`` (``PassImages``).
     """
     sequences = [Sequence(ctx, i, name) for name, per_rollout in contexts.items()
                  for i, ctx in enumerate(per_rollout) if ctx is not None]

@@ -403,12 +403,13 @@ class HFEngine(Sampler):
         log-probs or None), the layout ``generate`` gives, so one completion builder
         serves both, and the rows already handed to ``on_stop``. ``on_stop(rows, new,
         logprobs)``, when given, is called at each step where rows emit a stop token
-        (before the next forward), with those rows' indices and the buffers so far. Positions are ``generate``'s (cumsum of the mask - 1), the first step
-        reads only the last prompt position's logits (``logits_to_keep=1``), and a row
-        that emits a stop token leaves the batch: its cache rows, mask row, position and
-        key are dropped before the next forward. Identical adjacent prompt rows (a
-        prompt's n samples) share one prompt forward: the prompt is run once and its cache
-        rows and last logits are repeated for each sample (``shared_prompt_rows``).
+        (before the next forward), with those rows' indices and the buffers so far.
+        Positions are ``generate``'s (cumsum of the mask - 1), the first step reads only the
+        last prompt position's logits (``logits_to_keep=1``), and a row that emits a stop
+        token leaves the batch: its cache rows, mask row, position and key are dropped
+        before the next forward. Identical adjacent prompt rows (a prompt's n samples) share
+        one prompt forward: the prompt is run once and its cache rows and last logits are
+        repeated for each sample (``shared_prompt_rows``).
         """
         from transformers import DynamicCache
 

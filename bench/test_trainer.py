@@ -75,18 +75,22 @@ def markdown(meta: dict) -> str:
     if shared:
         lines += [f"## Shared-context packing vs plain packing ({shared['model']})", "",
                   "| pass | groups x G | context tokens | response tokens (mean) | plain tokens | "
-                  "shared tokens | plain s | shared s | speed-up |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "shared tokens | plain s | shared s | speed-up | plain peak MiB | "
+                  "shared peak MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        mib = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
         for r in shared["rows"]:
             lines.append(f"| {'update (fwd + bwd)' if r['grad'] else 'teacher (no grad)'} | "
                          f"{r['groups']} x {r['group_size']} | {r['context_len']} | "
                          f"{r['response_len']} | {r['plain_tokens']} | {r['shared_tokens']} | "
-                         f"{r['plain_s']:.3f} | {r['shared_s']:.3f} | {r['speedup']:.2f}x |")
+                         f"{r['plain_s']:.3f} | {r['shared_s']:.3f} | {r['speedup']:.2f}x | "
+                         f"{mib(r.get('plain_peak_mib'))} | {mib(r.get('shared_peak_mib'))} |")
         lines += ["", "One packed pass over a step's groups, each group's G rollouts under one "
                   "context (the teacher's hinted prompt, or the policy's prompt in the update): "
                   "every (context, response) sequence packed whole, against each context run "
                   "once with its responses after it (cepo.shared_context; same hidden states, "
-                  "tests/test_shared_context.py). Median of round-robin timings.", ""]
+                  "tests/test_shared_context.py). Median of round-robin timings; peak: the extra "
+                  "memory of one pass (activations, and gradients for the update).", ""]
     mem = _RESULTS.get("update_memory")
     if mem:
         lines += [f"## Update micro-batch: fused head vs naive logits ({mem['model']})", "",

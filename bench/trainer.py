@@ -219,7 +219,8 @@ def shared_context_pass(policy, *, groups: int, group_size: int, context_len: in
     each context shared by its group: the plain packing (every sequence whole) against
     shared-context packing (each context once, cepo.shared_context), as the teacher
     phase (no grad) or the update (forward + backward of the gathered hidden states)
-    runs it. Median seconds of each (round-robin timing) and the tokens each feeds."""
+    runs it. Median seconds of each (round-robin timing), the peak extra memory of one
+    pass (MiB; activations, and gradients with ``grad``) and the tokens each feeds."""
     from cepo.step import Responses, Sequence, micro_batches
 
     vocab = policy.head_weight().shape[0]
@@ -245,8 +246,13 @@ def shared_context_pass(policy, *, groups: int, group_size: int, context_len: in
         return go
 
     fns = {"plain": run(False), "shared": run(True)}
-    for fn in fns.values():  # warm-up
-        fn()
+    peaks = {}
+    for name, fn in fns.items():  # warm-up, and the peak extra memory of one pass
+        if timing.is_cuda(device):
+            _, peaks[name] = timing.cuda_call_with_peak(fn, device)
+        else:
+            _, peaks[name], _ = timing.cpu_call_with_peak(fn)
+        timing.release(device, collect=True)
     if timing.is_cuda(device):
         seconds = {k: timing.measure_cuda(fn, device).time_ms / 1e3 for k, fn in fns.items()}
     else:
@@ -256,4 +262,5 @@ def shared_context_pass(policy, *, groups: int, group_size: int, context_len: in
             "response_len": response_len, "grad": grad,
             "plain_s": seconds["plain"], "shared_s": seconds["shared"],
             "plain_tokens": fed["plain"], "shared_tokens": fed["shared"],
+            "plain_peak_mib": peaks["plain"], "shared_peak_mib": peaks["shared"],
             "speedup": seconds["plain"] / seconds["shared"]}

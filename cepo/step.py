@@ -74,36 +74,25 @@ def micro_batches(sequences: list[Sequence], responses: Responses, token_budget:
     share_contexts: sequences with identical contexts (a group's rollouts under one
     context) run that context once (cepo.shared_context); the model must support it
     (``cepo.model.supports_shared_contexts``). The hidden states are the same."""
-    if share_contexts:
-        yield from _shared_micro_batches(sequences, responses, token_budget, device)
-        return
-    full = [s.context + responses.response_ids[s.rollout] for s in sequences]
-    groups = pack_by_budget([len(f) for f in full], token_budget) if full else []
-    count = all_reduce_max(len(groups), device)
-    for k in range(count):
-        if k >= len(groups):
-            yield None
-            continue
-        members = groups[k]
-        batch = pack_sequences([full[i] for i in members])
-        index, _ = response_gather_index(
-            batch, [len(sequences[i].context) for i in members],
-            [len(responses.response_ids[sequences[i].rollout]) for i in members])
-        yield members, batch.to(device), index.to(device)
-
-
-def _shared_micro_batches(sequences: list[Sequence], responses: Responses, token_budget: int,
-                          device: torch.device):
-    """``micro_batches`` with shared contexts (same items, same collective count)."""
     per_sequence = [responses.response_ids[s.rollout] for s in sequences]
-    plan = plan_shared_contexts([s.context for s in sequences],
-                                [len(r) for r in per_sequence], token_budget)
+    if share_contexts:
+        plan = plan_shared_contexts([s.context for s in sequences],
+                                    [len(r) for r in per_sequence], token_budget)
+    else:
+        full = [s.context + r for s, r in zip(sequences, per_sequence)]
+        plan = pack_by_budget([len(f) for f in full], token_budget) if full else []
     count = all_reduce_max(len(plan), device)
     for k in range(count):
         if k >= len(plan):
             yield None
             continue
-        batch, index, members = pack_shared_contexts(plan[k], per_sequence)
+        if share_contexts:
+            batch, index, members = pack_shared_contexts(plan[k], per_sequence)
+        else:
+            members = plan[k]
+            batch = pack_sequences([full[i] for i in members])
+            index, _ = response_gather_index(batch, [len(sequences[i].context) for i in members],
+                                             [len(per_sequence[i]) for i in members])
         yield members, batch.to(device), index.to(device)
 
 

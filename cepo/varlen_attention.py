@@ -96,9 +96,8 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             continue
         q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
         if window is not None and b - a > window:  # query i sees keys j with i - window < j <= i
-            i = torch.arange(b - a, device=query.device)
-            band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-            parts.append(attend(q, k, v, band))
+            parts.append(attend(q, k, v, _continuation_mask((b - a,), 0, window,
+                                                            str(query.device))))
         else:
             parts.append(attend(q, k, v))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
@@ -118,7 +117,8 @@ def _continuation_mask(lengths: tuple[int, ...], c: int, window: int | None,
     the same c-token prefix and follow it in the row: the query at offset t of sequence i
     (position c + t) sees every prefix key j < c with j <= c + t, and its own sequence's
     keys up to itself, never another sequence's; with a sliding window, only keys whose
-    position is > c + t - window. Cached: every layer of a forward asks for the same."""
+    position is > c + t - window (c = 0 and one length: a plain sequence's sliding-window
+    band). Cached: every layer of a forward asks for the same."""
     lens = torch.tensor(lengths, dtype=torch.long)
     total = int(lens.sum())
     seq = torch.repeat_interleave(torch.arange(len(lengths)), lens)              # [R]

@@ -352,6 +352,7 @@ class HFEngine(Sampler):
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
+        delivered: set[int] = set()   # rows already handed to ``deliver`` (early)
         if self.compact and images is None:
             on_stop = None
             if early:
@@ -359,8 +360,9 @@ class HFEngine(Sampler):
                     for i in done_rows:
                         deliver(i, self._completion(new[i].tolist(), None if logprobs is None
                                                     else logprobs[i]))
-            new, logprobs, delivered = self._decode_compact(ids, mask, row_keys, params,
-                                                            processors, on_stop)
+                        delivered.add(i)
+            new, logprobs = self._decode_compact(ids, mask, row_keys, params, processors,
+                                                 on_stop)
         else:
             # generate's own pick is greedy: _RowSampler, last, has already chosen the token
             config = GenerationConfig(
@@ -375,7 +377,6 @@ class HFEngine(Sampler):
                                       **self._vision_kwargs(ids, images))
             new = out.sequences[:, width:].cpu()
             logprobs = sampler.result(new.shape[1]) if params.return_logprobs else None
-            delivered = set()
         for i in range(len(prompts)):
             if i not in delivered:
                 deliver(i, self._completion(new[i].tolist(),
@@ -395,21 +396,20 @@ class HFEngine(Sampler):
             stop_token_id=None if cut is None else row[cut])
 
     def _decode_compact(self, ids: torch.Tensor, mask: torch.Tensor, row_keys: list[int] | None,
-                        params: SamplingParams, warpers, on_stop=None
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, set[int]]:
+                        params: SamplingParams, warpers,
+                        on_stop=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode a left-padded batch ([B, W] ids and mask), dropping rows as they stop.
 
         Returns ([B, steps] generated ids, pad after a row's stop token; [B, steps]
         log-probs or None), the layout ``generate`` gives, so one completion builder
-        serves both, and the rows already handed to ``on_stop``. ``on_stop(rows, new,
-        logprobs)``, when given, is called at each step where rows emit a stop token
-        (before the next forward), with those rows' indices and the buffers so far.
-        Positions are ``generate``'s (cumsum of the mask - 1), the first step reads only the
-        last prompt position's logits (``logits_to_keep=1``), and a row that emits a stop
-        token leaves the batch: its cache rows, mask row, position and key are dropped
-        before the next forward. Identical adjacent prompt rows (a prompt's n samples) share
-        one prompt forward: the prompt is run once and its cache rows and last logits are
-        repeated for each sample (``shared_prompt_rows``).
+        serves both. ``on_stop(rows, new, logprobs)``, when given, is called at each step
+        where rows emit a stop token (before the next forward), with those rows' indices and
+        the buffers so far. Positions are ``generate``'s (cumsum of the mask - 1), the first
+        step reads only the last prompt position's logits (``logits_to_keep=1``), and a row
+        that emits a stop token leaves the batch: its cache rows, mask row, position and key
+        are dropped before the next forward. Identical adjacent prompt rows (a prompt's n
+        samples) share one prompt forward: the prompt is run once and its cache rows and
+        last logits are repeated for each sample (``shared_prompt_rows``).
         """
         from transformers import DynamicCache
 
@@ -420,12 +420,11 @@ class HFEngine(Sampler):
         logprobs = torch.zeros((batch, params.max_new_tokens)) if params.return_logprobs else None
         rows = torch.arange(batch)                           # original index of each live row
         keys = row_keys
-        delivered: set[int] = set()
+        first, expand = shared_prompt_rows(ids, mask)   # on the host copies
         mask = mask.to(device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=self.model.config)
         kw = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
-        first, expand = shared_prompt_rows(ids, mask.cpu())
         if first is None:
             out = self.model(input_ids=ids.to(device), attention_mask=mask,
                              position_ids=positions, **kw)
@@ -449,7 +448,6 @@ class HFEngine(Sampler):
             if on_stop is not None and not bool(live.all()):
                 stopped = rows[(~live).cpu()].tolist()
                 on_stop(stopped, new, logprobs)
-                delivered.update(stopped)
             if step + 1 == params.max_new_tokens or not bool(live.any()):
                 break
             if not bool(live.all()):
@@ -464,7 +462,7 @@ class HFEngine(Sampler):
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
                              **kw)
         steps = step + 1
-        return new[:, :steps], None if logprobs is None else logprobs[:, :steps], delivered
+        return new[:, :steps], None if logprobs is None else logprobs[:, :steps]
 
     def close(self) -> None:
         """Drop the model copy (and the CUDA cache it used)."""

@@ -1,10 +1,13 @@
 """Chunked pure-PyTorch engine: any device, never allocates [N, V].
 
 Rows are processed in chunks of ``rows_per_chunk`` rows against the WHOLE vocabulary, so
-the largest temporary is one [rows, V] logits chunk (at most ``TILE_ELEMENTS`` elements,
-rounded up to one row). Each chunk is one library matmul in the compute dtype (bf16
-operands stay bf16, with the BLAS's fp32 accumulation; fp16 is computed in fp32 on CPU),
-and the exact fp32 log-softmax of the chunk gives the log-probs, logsumexp and entropy.
+the largest temporaries are a few [rows, V] buffers (at most ``TILE_ELEMENTS`` elements
+each, rounded up to one row), allocated once per op call and reused by every chunk
+(``_Scratch``). Each chunk is one library matmul in the compute dtype (bf16 operands stay
+bf16, with the BLAS's fp32 accumulation; fp16 is computed in fp32 on CPU) written into
+its buffer, and the exact fp32 softmax of the chunk gives the log-probs, logsumexp and
+entropy. Every exponential goes through the softmax kernel (vectorised; ``exp_`` is about
+4x slower on CPU), and the gradient tile is formed in place in the probabilities.
 
 Products per op (the floor is the count of [N, V, H] products the op cannot avoid):
 
@@ -31,11 +34,13 @@ import torch
 from . import _math
 from ._types import Evidence
 
-TILE_ELEMENTS = 1 << 22
-"""Largest logits chunk, in elements (16 MiB in fp32; 131 rows at V = 32k): rows per chunk
-= TILE_ELEMENTS // V. Each chunk streams the whole weight once per product, so smaller
-chunks cost time; the extra peak is about three chunks plus dW. Lower it to trade speed
-for memory."""
+TILE_ELEMENTS = 1 << 23
+"""Largest logits chunk, in elements (262 rows at V = 32k): rows per chunk = TILE_ELEMENTS
+// V. Each chunk's products stream (and the BLAS packs) the whole weight once, so smaller
+chunks cost time: on 2 CPU cores at V = 32k, H 256, fp32, the forward product of 128-row
+chunks took 1.5x one [N, V] product, 256-row chunks 1.2x, 512-row chunks 1.1x. The extra
+peak is the scratch (8 bytes per element in fp32, 10 in bf16: 64 / 80 MiB) plus dW and
+dh. Lower it to trade speed for memory."""
 
 SKIP_ZERO_ROWS = "auto"
 """Drop rows with a zero gradient coefficient from the dh / dW products: 'auto' (on CPU
@@ -88,11 +93,13 @@ def _mm(x, y):
     return x @ y
 
 
-def gradient_products(gd, h_c, w, scale, dw32, need_dh=True):
+def gradient_products(gd, h_c, w, scale, dw32, need_dh=True, scratch=None):
     """The two gradient products of one chunk: returns dh_c = dz W [r, H] and adds
     dz^T h to dw32 [V, H]. gd: dz [r, V] in the compute dtype, multiplied by scale
     (fp16) or not (scale None); dw32: the fp32 (or weight-dtype) accumulator, or None.
-    Returns None instead of dh_c when need_dh is False."""
+    Returns None instead of dh_c when need_dh is False. scratch (a ``_Scratch`` or
+    None): where a low-precision [V, H] product waits for its fp32 accumulation.
+    """
     dh_c = None
     if need_dh:
         dh_c = _mm(gd, w)
@@ -103,10 +110,23 @@ def gradient_products(gd, h_c, w, scale, dw32, need_dh=True):
             dw32.addmm_(gd.T, h_c)
         elif scale is None and gd.is_cuda and _addmm_fp32_into(dw32, gd.T, h_c):
             pass  # low-precision operands accumulated by the GEMM straight into fp32 dW
+        elif scale is None and not gd.is_cuda and scratch is not None:
+            # CPU: the low-precision product into a reused buffer, accumulated in fp32
+            if scratch.part is None:
+                scratch.part = torch.empty(dw32.shape, dtype=gd.dtype, device=gd.device)
+            _accumulate(dw32, torch.mm(gd.T, h_c, out=scratch.part))
         else:  # low-precision product, fp32 accumulation across chunks
             part = _mm(gd.T, h_c)
             dw32.add_(part if scale is None else part.float().div_(scale))
     return dh_c
+
+
+def _accumulate(acc: torch.Tensor, part: torch.Tensor, rows: int = 1024) -> None:
+    """acc += part for a low-precision part [V, H], a block of rows at a time: a whole
+    mixed-dtype add_ first converts all of part to acc's dtype (a [V, H] fp32 temporary,
+    32 MiB at V = 32k, H = 256); a block's conversion stays in cache (1.5x faster here)."""
+    for r0 in range(0, part.shape[0], rows):
+        acc[r0:r0 + rows].add_(part[r0:r0 + rows])
 
 
 def _addmm_fp32_into(acc, x, y) -> bool:
@@ -119,9 +139,11 @@ def _addmm_fp32_into(acc, x, y) -> bool:
         return False
 
 
-def rows_per_chunk(num_rows: int, vocab: int) -> int:
-    """Rows per chunk so that one [rows, V] chunk holds at most TILE_ELEMENTS (>= 1 row)."""
-    return max(1, min(num_rows, TILE_ELEMENTS // max(1, vocab)))
+def rows_per_chunk(num_rows: int, vocab: int, bytes_per_logit: int = 8) -> int:
+    """Rows per chunk (>= 1): one [rows, V] chunk holds at most TILE_ELEMENTS logits when
+    its scratch takes 8 bytes per logit (fp32 logits and probabilities), proportionally
+    fewer or more rows for a scratch of ``bytes_per_logit`` (see :class:`_Scratch`)."""
+    return max(1, min(num_rows, (8 * TILE_ELEMENTS) // (max(1, vocab) * bytes_per_logit)))
 
 
 def _skip_rows(device: torch.device) -> bool:
@@ -143,26 +165,6 @@ def _target_logits(h, w, y, acc):
     return torch.linalg.vecdot(h.to(acc), w.index_select(0, y).to(acc))
 
 
-def _chunk_stats(z, y, valid, inv_temp, with_entropy, acc, z_target=None):
-    """(log-softmax [r, V] acc, lp [r], lse [r], entropy [r] | None) of one logits chunk.
-
-    z_target: the exact untempered target logits [r] when z is low precision, else None.
-    """
-    if z_target is None:
-        z_target = z.gather(1, y[:, None])[:, 0].to(acc)
-    z_target = z_target * inv_temp
-    z_max = z.amax(dim=1).to(acc) * inv_temp  # amax: 10x faster than max(dim) on CPU
-    ls = _log_softmax(z, inv_temp, acc)
-    # lse = max_j z_j - max_j log p_j: both terms exact or nearly (|max log p| <= log V)
-    lse = z_max - ls.amax(dim=1)
-    lp_all = z_target - lse
-    ent = None
-    if with_entropy:
-        ent = -torch.linalg.vecdot(ls.exp(), ls)
-    lp = torch.where(valid, lp_all, torch.zeros_like(lp_all))
-    return ls, lp, lse, ent
-
-
 class _Head:
     """The weight and hidden states in the compute dtype (upcast once per op if needed)."""
 
@@ -173,52 +175,151 @@ class _Head:
         self.h = hidden if hidden.dtype == self.dtype else hidden.to(self.dtype)
 
 
+class _Scratch:
+    """The [rows, V] buffers one op call reuses for every row chunk.
+
+    A fresh 16 MiB tensor per chunk costs its page faults on every CPU call (about a sixth
+    of an fp32 product at V = 32k), so each chunk writes into these instead:
+    ``z`` the logits in the compute dtype (the GEMM's output; later the low-precision
+    gradient tile); ``u`` the tempered logits in the accumulation dtype: ``z`` itself
+    when the compute dtype is the accumulation dtype, a buffer of its own for
+    low-precision logits when log p is needed beside p (entropy, its gradient) or off
+    CPU, else None (u is written into ``p`` and the softmax runs in place, on CPU);
+    ``p`` the probabilities, then the accumulation-dtype gradient. ``part``: a [V, H]
+    low-precision dW product awaiting fp32 accumulation (CPU), made on first use.
+    """
+
+    def __init__(self, num_rows, head, need_log_p, logits_only=False):
+        vocab, dev = head.w.shape[0], head.w.device
+        if head.dtype == head.acc:
+            separate_u = False
+        else:
+            separate_u = need_log_p or dev.type != "cpu"
+        esize = torch.empty((), dtype=head.dtype).element_size()
+        asize = torch.empty((), dtype=head.acc).element_size()
+        if logits_only:  # the gradient tile straight from the logits (``_bf16_tile``)
+            bytes_per_logit = esize
+        elif head.dtype == head.acc:
+            bytes_per_logit = 2 * asize
+        else:
+            bytes_per_logit = esize + asize * (2 if separate_u else 1)
+        self.rows = rows = rows_per_chunk(num_rows, vocab, bytes_per_logit)
+        self.z = torch.empty(rows, vocab, dtype=head.dtype, device=dev)
+        if head.dtype == head.acc:
+            self.u = self.z
+        else:
+            self.u = torch.empty(rows, vocab, dtype=head.acc, device=dev) if separate_u else None
+        self.p = None if logits_only else torch.empty(rows, vocab, dtype=head.acc, device=dev)
+        self.part = None
+
+
+def _softmax_into(u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """softmax(u, dim=1) written into out (same shape and dtype). Every exponential of the
+    engine goes through this kernel: it vectorises its exp, where ``Tensor.exp_`` is
+    about 4x slower on CPU."""
+    return torch.ops.aten._softmax.out(u, 1, False, out=out)
+
+
+def _chunk_logits(s: _Scratch, h_c, head, inv_temp):
+    """The tempered logits u = h_c W^T / T of one chunk: (z [r, V] compute dtype,
+    u [r, V] acc), views of the scratch buffers (u is z for fp32 / fp64, p where the
+    scratch has no u)."""
+    r = h_c.shape[0]
+    z = s.z[:r]
+    torch.mm(h_c, head.w.T, out=z)
+    u = (s.p if s.u is None else s.u)[:r]
+    if u.data_ptr() != z.data_ptr():
+        u.copy_(z)
+    if inv_temp != 1.0:
+        u.mul_(inv_temp)
+    return z, u
+
+
+def _chunk_stats(s, h_c, head, y_c, valid_c, inv_temp, with_entropy):
+    """Logits of one chunk and their exact statistics.
+
+    Returns (u [r, V], p [r, V], lp [r], lse [r], entropy [r] | None), u and p views of
+    the scratch buffers: p = softmax(u) (in place, u is p, where the scratch has no u),
+    and u holds log p instead of the tempered logits when with_entropy is set (the
+    scratch must then have a u: ``need_log_p``). lse = max u - log max p (both maxima
+    at the same column, where p = 1 / sum exp(u - max u) up to rounding); the log-prob
+    of the target is its exact logit minus lse (for low-precision logits, the target
+    logit is computed in fp32 from h and W, O(r H): a rounded logit would enter the
+    log-prob directly).
+    """
+    acc = head.acc
+    z, u = _chunk_logits(s, h_c, head, inv_temp)
+    if z.dtype != acc:
+        z_target = _target_logits(h_c, head.w, y_c, acc) * inv_temp
+    else:
+        z_target = u.gather(1, y_c[:, None])[:, 0]
+    u_max = u.amax(dim=1)  # amax: 10x faster than max(dim) on CPU
+    p = s.p[:u.shape[0]]
+    _softmax_into(u, p)
+    lse = u_max - p.amax(dim=1).log()
+    ent = None
+    if with_entropy:  # -sum p log p, every term <= 0 (no cancellation against lse)
+        u.sub_(lse[:, None])
+        ent = -torch.linalg.vecdot(p, u)
+    lp = torch.where(valid_c, z_target - lse, torch.zeros_like(lse))
+    return u, p, lp, lse, ent
+
+
 def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
     """Log-probs of y under each hidden block [N, H]: (lp [K, N], lse [K, N], entropy [K, N] | None).
 
     y [N] holds valid token ids (ignored positions replaced by 0); valid [N] bool. One
-    [rows, V] product per chunk per block, then the exact log-softmax of the chunk.
+    [rows, V] product per chunk per block, then the exact softmax statistics of the chunk.
     """
     acc = acc_dtype(weight.dtype)
-    k, n, vocab = len(hiddens), y.shape[0], weight.shape[0]
+    k, n = len(hiddens), y.shape[0]
     inv_temp = 1.0 / temperature
     dev = weight.device
     lp = torch.zeros(k, n, dtype=acc, device=dev)
     lse = torch.zeros(k, n, dtype=acc, device=dev)
     ent = torch.zeros(k, n, dtype=acc, device=dev) if with_entropy else None
-    rows = rows_per_chunk(n, vocab)
+    if n == 0:
+        return lp, lse, ent
+    s = None
     for i, hidden in enumerate(hiddens):
         head = _Head(hidden, weight)
+        s = s or _Scratch(n, head, need_log_p=with_entropy)
+        rows = s.rows
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            z = head.h[r0:r1] @ head.w.T  # [rows, V], compute dtype
-            zt = _target_logits(head.h[r0:r1], head.w, y[r0:r1], acc) if z.dtype != acc else None
-            ls, lp_c, lse_c, ent_c = _chunk_stats(z, y[r0:r1], valid[r0:r1], inv_temp,
-                                                  with_entropy, acc, zt)
-            del z, ls
+            _, _, lp_c, lse_c, ent_c = _chunk_stats(s, head.h[r0:r1], head, y[r0:r1],
+                                                    valid[r0:r1], inv_temp, with_entropy)
             lp[i, r0:r1], lse[i, r0:r1] = lp_c, lse_c
             if with_entropy:
                 ent[i, r0:r1] = ent_c
     return lp, lse, ent
 
 
-def _grad_products(g, h_c, y_c, a_c, head, dh, r0, active, dw32, scale=None):
-    """dh[r0 + rows] = dz W and dW += dz^T h for one chunk. g [r, V] (acc) holds
-    p (b - c (z - lse)) / T for the chunk's rows (only the ``active`` ones, with h_c, y_c,
-    a_c selected alike, when active is not None); a_c [r] (already / T) is added at the
-    targets here. scale: the fp16 gradient scale (:func:`grad_scale`) or None.
-    """
-    g[torch.arange(g.shape[0], device=g.device), y_c] += a_c
+def _grad_tile(s, g, active, head, scale):
+    """The gradient tile in the compute dtype, for the GEMMs: g [r, V] (acc, in s.p), only
+    its ``active`` rows when active is not None (compacted into s.u, or after the rounding
+    where the scratch has no u), times the fp16 scale, then rounded into s.z where the
+    compute dtype is low precision."""
+    if active is not None and s.u is not None:
+        g = torch.index_select(g, 0, active, out=s.u[:active.shape[0]])
     if scale is not None:
         g.mul_(scale)
-    gd = g if g.dtype == head.dtype else g.to(head.dtype)
-    del g
-    dh_c = gradient_products(gd, h_c, head.w, scale, dw32, need_dh=dh is not None)
+    if g.dtype != head.dtype:
+        g = s.z[:g.shape[0]].copy_(g)
+    if active is not None and s.u is None:
+        g = g.index_select(0, active)
+    return g
+
+
+def _grad_products(s, gd, h_c, head, dh, r0, r1, active, dw32, scale):
+    """dh[rows] = gd W and dW += gd^T h_c for one chunk's gradient tile gd [r', V]
+    (compute dtype; r' = the active rows when active is not None)."""
+    dh_c = gradient_products(gd, h_c, head.w, scale, dw32, need_dh=dh is not None, scratch=s)
     if dh is not None:
         if active is None:
-            dh[r0:r0 + dh_c.shape[0]] = dh_c
+            dh[r0:r1] = dh_c
         else:
-            dh[r0:].index_copy_(0, active, dh_c.to(dh.dtype))
+            dh[r0:r1].index_copy_(0, active, dh_c.to(dh.dtype))
 
 
 def _select(active, *tensors):
@@ -228,14 +329,23 @@ def _select(active, *tensors):
     return tuple(t.index_select(0, active) for t in tensors)
 
 
-def _active_rows(coef: torch.Tensor, device) -> torch.Tensor | None:
-    """Indices of the rows whose coefficient is nonzero, or None (keep every row)."""
+def _active_rows(coef: torch.Tensor, device, min_skip: float = 0.0) -> torch.Tensor | None:
+    """Indices of the rows whose coefficient is nonzero, or None (keep every row): also
+    None when fewer than ``min_skip`` of the rows could be dropped (dropping them then
+    costs a pass over the chunk that the products they would save do not repay)."""
     if not _skip_rows(device):
         return None
     nz = coef != 0
-    if bool(nz.all()):
+    kept = int(nz.sum())
+    if kept == nz.numel() or (kept and nz.numel() - kept < min_skip * nz.numel()):
         return None
     return torch.nonzero(nz)[:, 0]
+
+
+SKIP_MIN_FRACTION = 1 / 16
+"""Drop inactive rows from a chunk's gradient tile only when at least this fraction of
+the chunk is inactive: compacting the tile is one pass over it, about what the two
+gradient products spend on 1/20 of the rows (fp32, CPU)."""
 
 
 def _grad_buffers(hidden, weight, head, need_h, need_w):
@@ -256,12 +366,12 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
     """Forward and gradient in three products: (lp, lse, entropy | None, dh | None, dW | None).
 
     coef_fn(r0, r1, lp_chunk [r]) -> d loss / d lp for those rows ([r], acc dtype; 0 for
-    rows that contribute nothing). Per chunk: logits once, exact log-softmax, the
-    coefficient, dz = coef (onehot - p) / T in place, dh = dz W, dW += dz^T h.
+    rows that contribute nothing). Per chunk: logits once, the exact softmax statistics,
+    the coefficient, dz = coef (onehot - p) / T in place, dh = dz W, dW += dz^T h.
     lp, lse, entropy are [N] (acc dtype); dh, dW in the input dtypes.
     """
     acc = acc_dtype(weight.dtype)
-    n, vocab = y.shape[0], weight.shape[0]
+    n = y.shape[0]
     inv_temp = 1.0 / temperature
     dev = weight.device
     head = _Head(hidden, weight)
@@ -269,14 +379,12 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
     lse = torch.zeros(n, dtype=acc, device=dev)
     ent = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
     dh, dw32 = _grad_buffers(hidden, weight, head, need_h, need_w)
-    rows = rows_per_chunk(n, vocab)
+    s = _Scratch(n, head, need_log_p=with_entropy) if n else None
+    rows = s.rows if n else 1
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        z = head.h[r0:r1] @ head.w.T
-        zt = _target_logits(head.h[r0:r1], head.w, y[r0:r1], acc) if z.dtype != acc else None
-        ls, lp_c, lse_c, ent_c = _chunk_stats(z, y[r0:r1], valid[r0:r1], inv_temp,
-                                              with_entropy, acc, zt)
-        del z
+        _, p, lp_c, lse_c, ent_c = _chunk_stats(s, head.h[r0:r1], head, y[r0:r1],
+                                                valid[r0:r1], inv_temp, with_entropy)
         lp[r0:r1], lse[r0:r1] = lp_c, lse_c
         if with_entropy:
             ent[r0:r1] = ent_c
@@ -284,16 +392,26 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
             continue
         coef = coef_fn(r0, r1, lp_c).to(acc) * inv_temp  # d loss / d lp, / T folded in
         coef = torch.where(valid[r0:r1], coef, torch.zeros_like(coef))
-        active = _active_rows(coef, dev)
+        active = _active_rows(coef, dev, SKIP_MIN_FRACTION)
         if active is not None and active.numel() == 0:
             continue
-        # only the rows with a gradient go on (CPU), before any further pass over the chunk
-        ls, coef, y_c, h_c = _select(active, ls, coef, y[r0:r1], head.h[r0:r1])
-        g = ls.exp_().mul_(-coef[:, None])  # -coef p, in place
+        g = p.mul_(-coef[:, None])  # dz = coef (onehot - p), in place
+        g[torch.arange(g.shape[0], device=dev), y[r0:r1]] += coef
         scale = grad_scale(coef, coef, None, head.dtype)
-        _grad_products(g, h_c, y_c, coef, head, dh, r0, active, dw32, scale)
-        del g, ls
+        gd = _grad_tile(s, g, active, head, scale)
+        h_c = head.h[r0:r1] if active is None else head.h[r0:r1].index_select(0, active)
+        _grad_products(s, gd, h_c, head, dh, r0, r1, active, dw32, scale)
     return lp, lse, ent, dh, _finish_dw(dw32, weight)
+
+
+def _bf16_tile(head, c, inv_temp) -> bool:
+    """Whether the log-prob backward forms its gradient tile b p + a onehot in bf16
+    straight from the bf16 logits (softmax in place, bf16 out, fp32 math inside): bf16
+    logits on CPU, no entropy term (which needs log p) and nothing to temper. The tile is
+    rounded to bf16 for its GEMMs anyway, so this adds one rounding of p (2^-9) to the
+    logits' own (|z| 2^-9), and saves two conversion passes and the fp32 buffer."""
+    return (head.dtype == torch.bfloat16 and head.w.device.type == "cpu" and c is None
+            and inv_temp == 1.0)
 
 
 def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
@@ -301,9 +419,10 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     a onehot_j + p_j (b - c (z_j - lse)), z the tempered logits, per-row a, b, c [N]
     (c may be None). Chunk by chunk: the logits recomputed once, dz formed in place,
     dh = dz W, dW += dz^T h: four products with the forward, never storing [N, V].
+    p is the softmax of the recomputed logits (it sums to 1 whatever the rounding of this
+    GEMM against the forward's), and log p = u - logsumexp of the same logits.
     """
-    acc = lse.dtype
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     inv_temp = 1.0 / temperature
     dev = weight.device
     head = _Head(hidden, weight)
@@ -311,7 +430,9 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     # fold 1/T into the per-row coefficients (O(N), not O(N V))
     a, b = a * inv_temp, b * inv_temp
     c = None if c is None else c * inv_temp
-    rows = rows_per_chunk(n, vocab)
+    bf16_tile = _bf16_tile(head, c, inv_temp)
+    s = _Scratch(n, head, need_log_p=c is not None, logits_only=bf16_tile) if n else None
+    rows = s.rows if n else 1
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         nz = (a[r0:r1] != 0) | (b[r0:r1] != 0)
@@ -321,23 +442,27 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
         if active is not None and active.numel() == 0:
             continue
         # rows without a gradient are not even recomputed (CPU)
-        h_c, y_c, lse_c, a_c, b_c = _select(active, head.h[r0:r1], y[r0:r1], lse[r0:r1],
-                                            a[r0:r1], b[r0:r1])
+        h_c, y_c, a_c, b_c = _select(active, head.h[r0:r1], y[r0:r1], a[r0:r1], b[r0:r1])
         c_c = None if c is None else _select(active, c[r0:r1])[0]
-        z = h_c @ head.w.T
-        zc = z.to(acc) if z.dtype != acc else z
-        if inv_temp != 1.0:
-            zc = zc.mul_(inv_temp)
-        zc = zc.sub_(lse_c[:, None])  # z - lse = log p
-        del z
-        if c_c is not None:  # p (b - c log p)
-            g = zc.mul(-c_c[:, None]).add_(b_c[:, None]).mul_(zc.exp_())
+        if bf16_tile:
+            z = s.z[:h_c.shape[0]]
+            g = _softmax_into(torch.mm(h_c, head.w.T, out=z), z)
+            g.mul_(b_c.to(g.dtype)[:, None])  # a bf16 factor: a mixed-dtype mul_ upcasts all
+            g[torch.arange(g.shape[0], device=dev), y_c] += a_c.to(g.dtype)
+            _grad_products(s, g, h_c, head, dh, r0, r1, active, dw32, None)
+            continue
+        _, u = _chunk_logits(s, h_c, head, inv_temp)
+        p = _softmax_into(u, s.p[:u.shape[0]])
+        if c_c is not None:  # p (b - c log p), log p = u - lse of these logits
+            lse_c = u.amax(dim=1) - p.amax(dim=1).log()
+            u.sub_(lse_c[:, None]).mul_(-c_c[:, None]).add_(b_c[:, None])
+            g = p.mul_(u)
         else:
-            g = zc.exp_().mul_(b_c[:, None])
-        del zc
+            g = p.mul_(b_c[:, None])
+        g[torch.arange(g.shape[0], device=dev), y_c] += a_c
         scale = grad_scale(a_c, b_c, c_c, head.dtype)
-        _grad_products(g, h_c, y_c, a_c, head, dh, r0, active, dw32, scale)
-        del g
+        gd = _grad_tile(s, g, None, head, scale)
+        _grad_products(s, gd, h_c, head, dh, r0, r1, active, dw32, scale)
     return dh, _finish_dw(dw32, weight)
 
 

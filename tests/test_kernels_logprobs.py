@@ -125,6 +125,33 @@ def test_real_vocab_sizes_chunked(v, monkeypatch):
         assert rel_err(got, want) <= 1e-10
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["in-place-softmax", "own-u"])
+def test_real_vocab_bf16_chunked(with_entropy, temperature, monkeypatch):
+    """bf16 on the CPU path at a real vocabulary size, several ragged chunks: without
+    entropy the tempered logits go into the probability buffer and the softmax runs in
+    place over rows much longer than its vector blocks (at T = 1 the backward forms its
+    tile from a bf16 softmax, ``chunked._bf16_tile``); with entropy u has its own buffer.
+    All must match the float64 reference, values and gradients."""
+    from cepo_kernels import chunked
+    v = 32_001
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 2 * v)
+    hidden, weight, targets = head_inputs(7, 8, v, torch.bfloat16, "cpu", scale=3.0,
+                                          requires_grad=True)
+    out = ck.fused_logprobs(hidden, weight, targets, return_entropy=with_entropy,
+                            backend="torch", temperature=temperature)
+    ref = reference.fused_logprobs(hidden, weight, targets, return_entropy=with_entropy,
+                                   temperature=temperature)
+    for got, want in zip(out, ref):
+        if want is not None:
+            assert rel_err(got, want) <= TOL[torch.bfloat16]
+    w = torch.linspace(0.5, 1.5, 7)
+    loss_out = (w * out.logprobs).sum() - 0.2 * out.logsumexp.sum()
+    loss_ref = (w * ref.logprobs).sum() - 0.2 * ref.logsumexp.sum()
+    for got, want in zip(grads(loss_out, hidden, weight), grads(loss_ref, hidden, weight)):
+        assert rel_err(got, want) <= GRAD_TOL[torch.bfloat16]
+
+
 def test_gradcheck_reference_and_chunked_float64():
     """Analytic gradients in float64: the reference (autograd) and the chunked engine."""
     hidden, weight, targets = head_inputs(6, 5, 13, torch.float64, "cpu", ignore=(2,),

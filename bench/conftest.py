@@ -1,7 +1,8 @@
 """pytest set-up of the kernel benchmarks: options, the benchmark matrix, and the results
 collector that writes JSON, markdown and plots when the session ends.
 
-    pytest bench/                        # full matrix on CUDA, small on CPU
+    pytest bench/                        # kernels: full matrix on CUDA, small on CPU
+    pytest bench/ --bench-trainer        # kernels and the trainer benchmarks
     pytest bench/ --bench-size tiny      # smoke test (a few minutes on 2 CPU cores)
     CEPO_BENCH_SIZE=full pytest bench/   # the same through the environment
 
@@ -40,6 +41,9 @@ def pytest_addoption(parser):
                     help="device to benchmark on (default: $CEPO_BENCH_DEVICE, else cuda if available, else cpu)")
     group.addoption("--bench-out", default=None,
                     help="output folder (default: bench/results/<device>/)")
+    group.addoption("--bench-trainer", action="store_true", default=False,
+                    help="also run the trainer benchmarks (bench/test_trainer.py, about 15 "
+                         "minutes on 2 CPU cores); naming that file runs them too")
 
 
 def _device(config) -> str:
@@ -164,6 +168,28 @@ _SESSION_KEY = pytest.StashKey[BenchSession]()
 def pytest_configure(config):
     """Create the session's results collector."""
     config.stash[_SESSION_KEY] = BenchSession(config)
+
+
+TRAINER_FILE = os.path.join(BENCH_DIR, "test_trainer.py")
+
+
+def _trainer_named(config) -> bool:
+    """Whether a command-line argument names bench/test_trainer.py (or a test in it)."""
+    for arg in config.args:
+        path = os.path.abspath(os.path.join(str(config.invocation_params.dir), arg.split("::")[0]))
+        if path == TRAINER_FILE:
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`pytest bench/` runs the kernel benchmarks; the trainer benchmarks (whole training
+    runs) only with --bench-trainer or when test_trainer.py is named."""
+    if str(collection_path) != TRAINER_FILE:
+        return None
+    if config.getoption("--bench-trainer") or _trainer_named(config):
+        return None
+    return True
 
 
 def pytest_generate_tests(metafunc):

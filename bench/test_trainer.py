@@ -1,6 +1,7 @@
-"""Trainer benchmarks (``pytest bench/ -k trainer``): step-time split per algorithm and the
-update micro-batch memory of the fused head versus naive logits. Writes trainer.json,
-trainer.md and trainer_memory.png next to the kernel results; never asserts on timing."""
+"""Trainer benchmarks (``pytest bench/test_trainer.py``; a plain ``pytest bench/`` runs
+the kernels only): step-time split per algorithm and the update micro-batch memory of the
+fused head versus naive logits. Writes trainer.json, trainer.md and trainer_memory.png next
+to the kernel results; never asserts on timing."""
 
 from __future__ import annotations
 

@@ -38,8 +38,9 @@ TILE_ELEMENTS = 1 << 23
 """Largest logits chunk, in elements (262 rows at V = 32k): rows per chunk = TILE_ELEMENTS
 // V. Each chunk's products stream (and the BLAS packs) the whole weight once, so smaller
 chunks cost time: on 2 CPU cores at V = 32k, H 256, fp32, the forward product of 128-row
-chunks took 1.5x one [N, V] product, 256-row chunks 1.2x, 512-row chunks 1.1x. The extra
-peak is the scratch (8 bytes per element in fp32, 10 in bf16: 64 / 80 MiB) plus dW and
+chunks took 1.5x one [N, V] product, 256-row chunks 1.2x, 512-row chunks 1.1x. The rows
+are then scaled to the scratch's bytes per logit (:class:`_Scratch`: 4 to 10), so the
+scratch never exceeds 8 x TILE_ELEMENTS bytes (64 MiB); the extra peak is that plus dW and
 dh. Lower it to trade speed for memory."""
 
 SKIP_ZERO_ROWS = "auto"
@@ -181,35 +182,34 @@ class _Scratch:
     A fresh 16 MiB tensor per chunk costs its page faults on every CPU call (about a sixth
     of an fp32 product at V = 32k), so each chunk writes into these instead:
     ``z`` the logits in the compute dtype (the GEMM's output; later the low-precision
-    gradient tile); ``u`` the tempered logits in the accumulation dtype: ``z`` itself
-    when the compute dtype is the accumulation dtype, a buffer of its own for
-    low-precision logits when log p is needed beside p (entropy, its gradient) or off
-    CPU, else None (u is written into ``p`` and the softmax runs in place, on CPU);
-    ``p`` the probabilities, then the accumulation-dtype gradient. ``part``: a [V, H]
-    low-precision dW product awaiting fp32 accumulation (CPU), made on first use.
+    gradient tile); ``u`` the tempered logits in the accumulation dtype (``z`` itself when
+    the compute dtype is the accumulation dtype); ``p`` the probabilities, then the
+    accumulation-dtype gradient. On CPU, where nothing needs u once p is formed (no
+    entropy, no entropy gradient), p IS u: the softmax runs in place (the kernel reads a
+    row before writing it), which halves the scratch and so doubles the rows per chunk.
+    ``spare``: an accumulation-dtype buffer that is free once p is formed (for compacting
+    a tile's active rows), or None. ``part``: a [V, H] low-precision dW product awaiting
+    fp32 accumulation (CPU), made on first use. ``logits_only``: z alone (``_bf16_tile``).
     """
 
     def __init__(self, num_rows, head, need_log_p, logits_only=False):
         vocab, dev = head.w.shape[0], head.w.device
-        if head.dtype == head.acc:
-            separate_u = False
-        else:
-            separate_u = need_log_p or dev.type != "cpu"
+        low = head.dtype != head.acc
+        in_place = not need_log_p and dev.type == "cpu"
         esize = torch.empty((), dtype=head.dtype).element_size()
         asize = torch.empty((), dtype=head.acc).element_size()
-        if logits_only:  # the gradient tile straight from the logits (``_bf16_tile``)
+        if logits_only:
             bytes_per_logit = esize
-        elif head.dtype == head.acc:
-            bytes_per_logit = 2 * asize
         else:
-            bytes_per_logit = esize + asize * (2 if separate_u else 1)
+            bytes_per_logit = (esize if low else 0) + asize * (1 if in_place else 2)
         self.rows = rows = rows_per_chunk(num_rows, vocab, bytes_per_logit)
         self.z = torch.empty(rows, vocab, dtype=head.dtype, device=dev)
-        if head.dtype == head.acc:
-            self.u = self.z
-        else:
-            self.u = torch.empty(rows, vocab, dtype=head.acc, device=dev) if separate_u else None
-        self.p = None if logits_only else torch.empty(rows, vocab, dtype=head.acc, device=dev)
+        self.u = self.p = self.spare = None
+        if not logits_only:
+            acc_buffer = lambda: torch.empty(rows, vocab, dtype=head.acc, device=dev)  # noqa: E731
+            self.u = acc_buffer() if low else self.z
+            self.p = self.u if in_place else acc_buffer()
+            self.spare = None if in_place else self.u
         self.part = None
 
 
@@ -222,12 +222,11 @@ def _softmax_into(u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _chunk_logits(s: _Scratch, h_c, head, inv_temp):
     """The tempered logits u = h_c W^T / T of one chunk: (z [r, V] compute dtype,
-    u [r, V] acc), views of the scratch buffers (u is z for fp32 / fp64, p where the
-    scratch has no u)."""
+    u [r, V] acc), views of the scratch buffers (u is z for fp32 / fp64)."""
     r = h_c.shape[0]
     z = s.z[:r]
     torch.mm(h_c, head.w.T, out=z)
-    u = (s.p if s.u is None else s.u)[:r]
+    u = s.u[:r]
     if u.data_ptr() != z.data_ptr():
         u.copy_(z)
     if inv_temp != 1.0:
@@ -239,7 +238,7 @@ def _chunk_stats(s, h_c, head, y_c, valid_c, inv_temp, with_entropy):
     """Logits of one chunk and their exact statistics.
 
     Returns (u [r, V], p [r, V], lp [r], lse [r], entropy [r] | None), u and p views of
-    the scratch buffers: p = softmax(u) (in place, u is p, where the scratch has no u),
+    the scratch buffers: p = softmax(u) (in place where the scratch's p is its u),
     and u holds log p instead of the tempered logits when with_entropy is set (the
     scratch must then have a u: ``need_log_p``). lse = max u - log max p (both maxima
     at the same column, where p = 1 / sum exp(u - max u) up to rounding); the log-prob
@@ -297,16 +296,16 @@ def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
 
 def _grad_tile(s, g, active, head, scale):
     """The gradient tile in the compute dtype, for the GEMMs: g [r, V] (acc, in s.p), only
-    its ``active`` rows when active is not None (compacted into s.u, or after the rounding
-    where the scratch has no u), times the fp16 scale, then rounded into s.z where the
-    compute dtype is low precision."""
-    if active is not None and s.u is not None:
-        g = torch.index_select(g, 0, active, out=s.u[:active.shape[0]])
+    its ``active`` rows when active is not None (compacted into s.spare, or last, into a
+    new tensor, where the scratch has none), times the fp16 scale, then rounded into s.z
+    where the compute dtype is low precision."""
+    if active is not None and s.spare is not None:
+        g = torch.index_select(g, 0, active, out=s.spare[:active.shape[0]])
     if scale is not None:
         g.mul_(scale)
     if g.dtype != head.dtype:
         g = s.z[:g.shape[0]].copy_(g)
-    if active is not None and s.u is None:
+    if active is not None and s.spare is None:
         g = g.index_select(0, active)
     return g
 

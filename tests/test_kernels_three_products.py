@@ -111,7 +111,11 @@ def test_ppo_loss_runs_three_products(monkeypatch):
     recompute), four for the log-prob op's forward + backward."""
     monkeypatch.setattr(chunked, "SKIP_ZERO_ROWS", False)
     n, h, v = 64, 16, 200
-    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16 * v)  # 4 chunks of 16 rows
+    # 4 chunks of 16 rows: fp32 without entropy runs its softmax in place, 4 bytes of
+    # scratch per logit, so 8 x TILE_ELEMENTS bytes hold 16 rows of v
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 8 * v)
+    hidden_, weight_ = torch.zeros(n, h), torch.zeros(v, h)
+    assert chunked._Scratch(n, chunked._Head(hidden_, weight_), need_log_p=False).rows == 16
     hidden, weight, targets = head_inputs(n, h, v, torch.float32, "cpu", requires_grad=True)
     g = torch.Generator().manual_seed(3)
     adv, old = torch.randn(n, generator=g), torch.randn(n, generator=g) - 5

@@ -99,7 +99,8 @@ def gradient_products(gd, h_c, w, scale, dw32, need_dh=True, scratch=None):
     dz^T h to dw32 [V, H]. gd: dz [r, V] in the compute dtype, multiplied by scale
     (fp16) or not (scale None); dw32: the fp32 (or weight-dtype) accumulator, or None.
     Returns None instead of dh_c when need_dh is False. scratch (a ``_Scratch`` or
-    None): where a low-precision [V, H] product waits for its fp32 accumulation.
+    None): holds the buffer where a block of the low-precision dW product waits for its
+    fp32 accumulation (CPU).
     """
     dh_c = None
     if need_dh:
@@ -112,22 +113,31 @@ def gradient_products(gd, h_c, w, scale, dw32, need_dh=True, scratch=None):
         elif scale is None and gd.is_cuda and _addmm_fp32_into(dw32, gd.T, h_c):
             pass  # low-precision operands accumulated by the GEMM straight into fp32 dW
         elif scale is None and not gd.is_cuda and scratch is not None:
-            # CPU: the low-precision product into a reused buffer, accumulated in fp32
-            if scratch.part is None:
-                scratch.part = torch.empty(dw32.shape, dtype=gd.dtype, device=gd.device)
-            _accumulate(dw32, torch.mm(gd.T, h_c, out=scratch.part))
+            _accumulate_product(dw32, gd, h_c, scratch)
         else:  # low-precision product, fp32 accumulation across chunks
             part = _mm(gd.T, h_c)
             dw32.add_(part if scale is None else part.float().div_(scale))
     return dh_c
 
 
-def _accumulate(acc: torch.Tensor, part: torch.Tensor, rows: int = 1024) -> None:
-    """acc += part for a low-precision part [V, H], a block of rows at a time: a whole
-    mixed-dtype add_ first converts all of part to acc's dtype (a [V, H] fp32 temporary,
-    32 MiB at V = 32k, H = 256); a block's conversion stays in cache (1.5x faster here)."""
-    for r0 in range(0, part.shape[0], rows):
-        acc[r0:r0 + rows].add_(part[r0:r0 + rows])
+DW_BLOCK_ROWS = 2048
+"""Rows of dW per low-precision product block on CPU (:func:`_accumulate_product`)."""
+
+
+def _accumulate_product(dw32, gd, h_c, scratch) -> None:
+    """dw32 += gd^T h_c for low-precision gd [r, V], h_c [r, H] into fp32 dw32 [V, H] on
+    CPU, DW_BLOCK_ROWS rows of dW at a time: each block's product lands in a small reused
+    buffer (the CPU BLAS has no bf16 GEMM with fp32 output) and is added while it is in
+    cache. A whole [V, H] product would be a 16 MiB buffer plus, in a mixed-dtype add_,
+    a 32 MiB fp32 temporary (V 32k, H 256), and 1.5x slower to add."""
+    vocab = gd.shape[1]
+    block = min(DW_BLOCK_ROWS, vocab)
+    if scratch.part is None:
+        scratch.part = torch.empty(block, h_c.shape[1], dtype=gd.dtype, device=gd.device)
+    for v0 in range(0, vocab, block):
+        v1 = min(v0 + block, vocab)
+        part = torch.mm(gd[:, v0:v1].T, h_c, out=scratch.part[:v1 - v0])
+        dw32[v0:v1].add_(part)
 
 
 def _addmm_fp32_into(acc, x, y) -> bool:
@@ -188,8 +198,10 @@ class _Scratch:
     entropy, no entropy gradient), p IS u: the softmax runs in place (the kernel reads a
     row before writing it), which halves the scratch and so doubles the rows per chunk.
     ``spare``: an accumulation-dtype buffer that is free once p is formed (for compacting
-    a tile's active rows), or None. ``part``: a [V, H] low-precision dW product awaiting
-    fp32 accumulation (CPU), made on first use. ``logits_only``: z alone (``_bf16_tile``).
+    a tile's active rows), or None. ``part``: a block of the low-precision dW product
+    awaiting fp32 accumulation (CPU, :func:`_accumulate_product`), made on first use.
+    ``logits_only``: z alone (``_bf16_tile``). ``need_log_p``: keep p apart from u
+    (entropy, its gradient, or a spare buffer for compaction).
     """
 
     def __init__(self, num_rows, head, need_log_p, logits_only=False):
@@ -378,7 +390,10 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
     lse = torch.zeros(n, dtype=acc, device=dev)
     ent = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
     dh, dw32 = _grad_buffers(hidden, weight, head, need_h, need_w)
-    s = _Scratch(n, head, need_log_p=with_entropy) if n else None
+    # where rows are skipped (CPU), fp32 keeps p apart from the logits: compacting the
+    # active rows then goes into the logits' buffer, not a new [rows, V] tensor
+    s = _Scratch(n, head, need_log_p=with_entropy or (acc == head.dtype and _skip_rows(dev))
+                 ) if n else None
     rows = s.rows if n else 1
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)

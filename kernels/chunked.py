@@ -318,8 +318,18 @@ def _grad_tile(s, g, active, head, scale):
     if g.dtype != head.dtype:
         g = s.z[:g.shape[0]].copy_(g)
     if active is not None and s.spare is None:
-        g = g.index_select(0, active)
+        if g.data_ptr() == s.z.data_ptr() and s.p is not None:  # p is free once g is in z
+            g = torch.index_select(g, 0, active, out=_reinterpret(s.p, g.dtype, active.shape[0]))
+        else:
+            g = g.index_select(0, active)
     return g
+
+
+def _reinterpret(buffer: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
+    """[rows, V] of ``dtype`` over the storage of a free contiguous [R, V] ``buffer`` of an
+    element size at least dtype's (the low-precision tile compacted into the fp32 p)."""
+    vocab = buffer.shape[1]
+    return buffer.view(-1).view(dtype)[:rows * vocab].view(rows, vocab)
 
 
 def _grad_products(s, gd, h_c, head, dh, r0, r1, active, dw32, scale):

@@ -39,9 +39,9 @@ TILE_ELEMENTS = 1 << 23
 // V. Each chunk's products stream (and the BLAS packs) the whole weight once, so smaller
 chunks cost time: on 2 CPU cores at V = 32k, H 256, fp32, the forward product of 128-row
 chunks took 1.5x one [N, V] product, 256-row chunks 1.2x, 512-row chunks 1.1x. The rows
-are then scaled to the scratch's bytes per logit (:class:`_Scratch`: 4 to 10), so the
-scratch never exceeds 8 x TILE_ELEMENTS bytes (64 MiB); the extra peak is that plus dW and
-dh. Lower it to trade speed for memory."""
+are then scaled to the scratch's bytes per logit (:class:`_Scratch`: 4 to 12, bf16 logits
+counted as 4), so the scratch never exceeds 8 x TILE_ELEMENTS bytes (64 MiB); the extra peak
+is that plus dW and dh. Lower it to trade speed for memory."""
 
 SKIP_ZERO_ROWS = "auto"
 """Drop rows with a zero gradient coefficient from the dh / dW products: 'auto' (on CPU
@@ -208,12 +208,14 @@ class _Scratch:
         vocab, dev = head.w.shape[0], head.w.device
         low = head.dtype != head.acc
         in_place = not need_log_p and dev.type == "cpu"
-        esize = torch.empty((), dtype=head.dtype).element_size()
         asize = torch.empty((), dtype=head.acc).element_size()
+        # rows are counted as if low-precision logits took the accumulation dtype's bytes:
+        # the bf16 GEMMs run as fast at 256 rows as at 1024 (unlike fp32), and the memory
+        # left over holds the BLAS's own temporaries (its reordered copy of the weight)
         if logits_only:
-            bytes_per_logit = esize
+            bytes_per_logit = asize
         else:
-            bytes_per_logit = (esize if low else 0) + asize * (1 if in_place else 2)
+            bytes_per_logit = (asize if low else 0) + asize * (1 if in_place else 2)
         self.rows = rows = rows_per_chunk(num_rows, vocab, bytes_per_logit)
         self.z = torch.empty(rows, vocab, dtype=head.dtype, device=dev)
         self.u = self.p = self.spare = None

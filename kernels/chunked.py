@@ -200,14 +200,16 @@ class _Scratch:
     ``spare``: an accumulation-dtype buffer that is free once p is formed (for compacting
     a tile's active rows), or None. ``part``: a block of the low-precision dW product
     awaiting fp32 accumulation (CPU, :func:`_accumulate_product`), made on first use.
-    ``logits_only``: z alone (``_bf16_tile``). ``need_log_p``: keep p apart from u
-    (entropy, its gradient, or a spare buffer for compaction).
+    ``need_log_p``: keep p apart from u (entropy, its gradient). ``compacts``: the op
+    compacts active rows (CPU row skipping); fp32 then keeps p apart from the logits too,
+    so that the compaction goes into the logits' buffer (a low-precision tile goes into
+    the free fp32 p). ``logits_only``: z alone (``_bf16_tile``).
     """
 
-    def __init__(self, num_rows, head, need_log_p, logits_only=False):
+    def __init__(self, num_rows, head, need_log_p, compacts=False, logits_only=False):
         vocab, dev = head.w.shape[0], head.w.device
         low = head.dtype != head.acc
-        in_place = not need_log_p and dev.type == "cpu"
+        in_place = dev.type == "cpu" and not need_log_p and (low or not compacts)
         asize = torch.empty((), dtype=head.acc).element_size()
         # rows are counted as if low-precision logits took the accumulation dtype's bytes:
         # the bf16 GEMMs run as fast at 256 rows as at 1024 (unlike fp32), and the memory
@@ -251,10 +253,9 @@ def _chunk_logits(s: _Scratch, h_c, head, inv_temp):
 def _chunk_stats(s, h_c, head, y_c, valid_c, inv_temp, with_entropy):
     """Logits of one chunk and their exact statistics.
 
-    Returns (u [r, V], p [r, V], lp [r], lse [r], entropy [r] | None), u and p views of
-    the scratch buffers: p = softmax(u) (in place where the scratch's p is its u),
-    and u holds log p instead of the tempered logits when with_entropy is set (the
-    scratch must then have a u: ``need_log_p``). lse = max u - log max p (both maxima
+    Returns (p [r, V], lp [r], lse [r], entropy [r] | None), p a view of the scratch:
+    p = softmax(u) (in place where the scratch's p is its u; with_entropy needs them
+    apart, ``need_log_p``, and leaves log p in u). lse = max u - log max p (both maxima
     at the same column, where p = 1 / sum exp(u - max u) up to rounding); the log-prob
     of the target is its exact logit minus lse (for low-precision logits, the target
     logit is computed in fp32 from h and W, O(r H): a rounded logit would enter the
@@ -275,7 +276,7 @@ def _chunk_stats(s, h_c, head, y_c, valid_c, inv_temp, with_entropy):
         u.sub_(lse[:, None])
         ent = -torch.linalg.vecdot(p, u)
     lp = torch.where(valid_c, z_target - lse, torch.zeros_like(lse))
-    return u, p, lp, lse, ent
+    return p, lp, lse, ent
 
 
 def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
@@ -300,12 +301,18 @@ def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
         rows = s.rows
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            _, _, lp_c, lse_c, ent_c = _chunk_stats(s, head.h[r0:r1], head, y[r0:r1],
-                                                    valid[r0:r1], inv_temp, with_entropy)
+            _, lp_c, lse_c, ent_c = _chunk_stats(s, head.h[r0:r1], head, y[r0:r1],
+                                                 valid[r0:r1], inv_temp, with_entropy)
             lp[i, r0:r1], lse[i, r0:r1] = lp_c, lse_c
             if with_entropy:
                 ent[i, r0:r1] = ent_c
     return lp, lse, ent
+
+
+def _add_at_targets(g: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """g[i, y_i] += a_i in place (the onehot term of a gradient tile g [r, V]); returns g."""
+    g[torch.arange(g.shape[0], device=g.device), y] += a.to(g.dtype)
+    return g
 
 
 def _grad_tile(s, g, active, head, scale):
@@ -402,15 +409,12 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
     lse = torch.zeros(n, dtype=acc, device=dev)
     ent = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
     dh, dw32 = _grad_buffers(hidden, weight, head, need_h, need_w)
-    # where rows are skipped (CPU), fp32 keeps p apart from the logits: compacting the
-    # active rows then goes into the logits' buffer, not a new [rows, V] tensor
-    s = _Scratch(n, head, need_log_p=with_entropy or (acc == head.dtype and _skip_rows(dev))
-                 ) if n else None
+    s = _Scratch(n, head, need_log_p=with_entropy, compacts=_skip_rows(dev)) if n else None
     rows = s.rows if n else 1
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        _, p, lp_c, lse_c, ent_c = _chunk_stats(s, head.h[r0:r1], head, y[r0:r1],
-                                                valid[r0:r1], inv_temp, with_entropy)
+        p, lp_c, lse_c, ent_c = _chunk_stats(s, head.h[r0:r1], head, y[r0:r1],
+                                             valid[r0:r1], inv_temp, with_entropy)
         lp[r0:r1], lse[r0:r1] = lp_c, lse_c
         if with_entropy:
             ent[r0:r1] = ent_c
@@ -421,11 +425,10 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
         active = _active_rows(coef, dev, SKIP_MIN_FRACTION)
         if active is not None and active.numel() == 0:
             continue
-        g = p.mul_(-coef[:, None])  # dz = coef (onehot - p), in place
-        g[torch.arange(g.shape[0], device=dev), y[r0:r1]] += coef
+        g = _add_at_targets(p.mul_(-coef[:, None]), y[r0:r1], coef)  # coef (onehot - p)
         scale = grad_scale(coef, coef, None, head.dtype)
         gd = _grad_tile(s, g, active, head, scale)
-        h_c = head.h[r0:r1] if active is None else head.h[r0:r1].index_select(0, active)
+        h_c = _select(active, head.h[r0:r1])[0]
         _grad_products(s, gd, h_c, head, dh, r0, r1, active, dw32, scale)
     return lp, lse, ent, dh, _finish_dw(dw32, weight)
 
@@ -474,7 +477,7 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
             z = s.z[:h_c.shape[0]]
             g = _softmax_into(torch.mm(h_c, head.w.T, out=z), z)
             g.mul_(b_c.to(g.dtype)[:, None])  # a bf16 factor: a mixed-dtype mul_ upcasts all
-            g[torch.arange(g.shape[0], device=dev), y_c] += a_c.to(g.dtype)
+            _add_at_targets(g, y_c, a_c)
             _grad_products(s, g, h_c, head, dh, r0, r1, active, dw32, None)
             continue
         _, u = _chunk_logits(s, h_c, head, inv_temp)
@@ -485,7 +488,7 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
             g = p.mul_(u)
         else:
             g = p.mul_(b_c[:, None])
-        g[torch.arange(g.shape[0], device=dev), y_c] += a_c
+        _add_at_targets(g, y_c, a_c)
         scale = grad_scale(a_c, b_c, c_c, head.dtype)
         gd = _grad_tile(s, g, None, head, scale)
         _grad_products(s, gd, h_c, head, dh, r0, r1, active, dw32, scale)

@@ -92,6 +92,24 @@ def markdown(meta: dict) -> str:
                   "once with its responses after it (cepo.shared_context; same hidden states, "
                   "tests/test_shared_context.py). Median of round-robin timings; peak: the extra "
                   "memory of one pass (activations, and gradients for the update).", ""]
+    decode = _RESULTS.get("sampler_decode")
+    if decode:
+        lines += ["## Sampler: lean decoding steps vs the model's forward", "",
+                  "| model | prompts x samples | max new tokens | decoder | median s | min s | "
+                  "tokens | tokens/s | speed-up | same tokens |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for case in decode:
+            for r in case["rows"]:
+                lines.append(f"| {case['model']} | {case['prompts']} x {case['n']} | "
+                             f"{case['max_new_tokens']} | {r['decoder']} | {r['median_s']:.3f} | "
+                             f"{r['min_s']:.3f} | {r['tokens']} | {r['tokens_per_s']:.0f} | "
+                             + (f"{case['speedup']:.2f}x | {case['same_tokens']} |"
+                                if r["decoder"] == "lean" else "1.00x | |"))
+        lines += ["", "One `HFEngine.generate` call (one batch, T = 1, fixed seeds), the "
+                  "decoding steps through `cepo.sampler.lean_decoder` against the model's own "
+                  "forward at every step (`--lean_decode false`); the prompt's forward is the "
+                  "model's in both. Median over calls alternated between the two engines, "
+                  "after one warm-up call each.", ""]
     mem = _RESULTS.get("update_memory")
     if mem:
         lines += [f"## Update micro-batch: fused head vs naive logits ({mem['model']})", "",
@@ -201,6 +219,32 @@ def test_trainer_shared_context_pass(bench):
     _write(bench)
     for r in rows:
         assert r["shared_tokens"] < r["plain_tokens"] and r["plain_s"] > 0 and r["shared_s"] > 0
+
+
+def test_trainer_sampler_decode(bench, tmp_path):
+    """The Hugging Face engine's decoding steps through the lean decoder against the
+    model's own forward: the embedded default's tiny model and step shape (16 x 8 rows, 64
+    new tokens), and a real model's shape (random weights: SmolLM2-135M's on CPU,
+    Qwen3-0.6B's in bf16 on CUDA)."""
+    cuda = torch.device(bench.device).type == "cuda"
+    rounds = {"tiny": 1, "small": 5, "full": 7}[bench.size]
+    cases = [("shipped tiny model (fp32)", trainer.TINY_ASSET, torch.float32, 16, 8, 64)]
+    if cuda:
+        cases.append(("random Qwen3-0.6B shape (bf16)", trainer.random_model_dir(
+            tmp_path / "m", trainer.QWEN3_0_6B, torch.bfloat16), torch.bfloat16, 16, 8, 128))
+    elif bench.size != "tiny":
+        cases.append(("random SmolLM2-135M shape, as Qwen3 (fp32)", trainer.random_model_dir(
+            tmp_path / "m", trainer.SMOLLM2_135M, torch.float32), torch.float32, 8, 4, 32))
+    results = []
+    for name, path, dtype, prompts, n, new_tokens in cases:
+        result = trainer.sampler_decode(path, device=bench.device, dtype=dtype,
+                                        prompts=prompts, n=n, max_new_tokens=new_tokens,
+                                        rounds=rounds)
+        results.append({"model": name, **result})
+    _RESULTS["sampler_decode"] = results
+    _write(bench)
+    for r in results:
+        assert r["rows"][0]["tokens"] > 0 and all(x["median_s"] > 0 for x in r["rows"])
 
 
 def test_trainer_update_memory(bench):

@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28
 CPU_MEMORY_MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                         vocab_size=32_000, tie_word_embeddings=True)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                    vocab_size=49_152, tie_word_embeddings=True)
 PHASES = ("generate", "score", "teacher", "update", "sync")
 
 
@@ -110,6 +114,45 @@ def mean_of_runs(runs: list[dict]) -> dict:
     out["teacher_steps"] = runs[0]["teacher_steps"]
     out["run_totals_s"] = [r["total_step_s"] for r in runs]
     return out
+
+
+def sampler_decode(model: Path, *, device: str, dtype: torch.dtype, prompts: int, n: int,
+                   max_new_tokens: int, rounds: int) -> dict:
+    """One ``HFEngine.generate`` call of ``prompts`` built-in arithmetic prompts x ``n``
+    samples at T = 1 (fixed seeds, one batch), timed with the lean decoder and with the
+    model's own forward at every step (two engines, calls alternated, one warm-up call
+    each); median and min seconds per call, generated tokens and whether both gave the
+    same tokens."""
+    from transformers import AutoTokenizer
+
+    from cepo.arithmetic import make_split
+    from cepo.contexts import render_prompt
+    from cepo.sampler import HFEngine, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = [render_prompt(tok, r["prompt"]) for r in make_split("train", prompts, 0)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, return_logprobs=True)
+    engines = {name: HFEngine(str(model), tokenizer=tok, device=device, dtype=dtype,
+                              max_batch_size=prompts * n, lean=name == "lean")
+               for name in ("lean", "model forward")}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    tokens: dict[str, list] = {}
+    for k in range(rounds + 1):  # call 0 of each engine is a warm-up
+        for name in (list(engines) if k % 2 else list(engines)[::-1]):
+            timing.synchronize(device)
+            start = time.perf_counter()
+            out = engines[name].generate(ids, n, params, seeds=list(range(prompts)))
+            timing.synchronize(device)
+            if k:
+                times[name].append(time.perf_counter() - start)
+            tokens[name] = [[c.token_ids for c in group] for group in out]
+    generated = sum(len(t) for group in tokens["lean"] for t in group)
+    rows = [{"decoder": name, "median_s": statistics.median(times[name]),
+             "min_s": min(times[name]), "tokens": generated,
+             "tokens_per_s": generated / statistics.median(times[name])} for name in engines]
+    return {"rows": rows, "same_tokens": tokens["lean"] == tokens["model forward"],
+            "speedup": rows[1]["median_s"] / rows[0]["median_s"], "prompts": prompts, "n": n,
+            "max_new_tokens": max_new_tokens, "calls": rounds}
 
 
 def _packed(budget: int, vocab: int, device, seq_len: int = 512):

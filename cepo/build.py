@@ -187,7 +187,7 @@ def build_sampler(cfg: TrainConfig, tokenizer, info):
                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                           dtype=torch.bfloat16 if compute_bf16(cfg, info.device) else torch.float32)
     return HFEngine(cfg.model, tokenizer=tokenizer, device=info.device,
-                    max_batch_size=cfg.generation_batch_size)
+                    max_batch_size=cfg.generation_batch_size, lean=cfg.lean_decode)
 
 
 def build_optimizer(cfg: TrainConfig, policy):

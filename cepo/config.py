@@ -189,6 +189,11 @@ class TrainConfig:
     """Sampler engine: vllm when installed and on CUDA, else Hugging Face generate."""
     generation_batch_size: int = 64
     """Sequences per generate call (Hugging Face engine)."""
+    lean_decode: bool = True
+    """Hugging Face engine: run the decoding steps of Llama / Qwen2 / Qwen3 text models
+    through cepo.sampler.lean_decoder (the model's weights, ~25 operations a layer, a
+    preallocated KV cache) instead of the model's forward; other models always use their
+    forward. False: the model's own forward at every step (slower, same tokens)."""
     vllm_gpu_memory_utilization: float = 0.35
     """The share of GPU memory vLLM takes while awake (weights + KV cache). Leave room for
     the policy shard, gradients and AdamW state (about 16 bytes per parameter divided by

@@ -83,20 +83,37 @@ def test_compact_equals_generate(model_dir, params, max_batch_size):
         assert {c.finish_reason for g in got for c in g} == {"stop", "length"}
 
 
-def test_rows_leave_the_batch(model_dir):
-    """Each decode forward carries only the rows still running: over a call, the rows fed
-    after the prompt's forward sum to sum(len(trained response) - 1); the prompt forward
-    runs each prompt once, not once per sample."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    eng = HFEngine(str(model_dir), tokenizer=tok, max_batch_size=64)
-    batch_sizes = []
-    forward = eng.model.forward
+def count_forwards(eng, monkeypatch) -> list[tuple[int, int]]:
+    """Record the input shape [rows, tokens] of every forward the engine runs: the model's
+    (the prompt, and every step without the lean decoder) and the lean decoder's steps."""
+    from cepo.sampler.lean_decoder import LeanDecoder
+
+    shapes = []
+    forward, lean_forward = eng.model.forward, LeanDecoder.forward
 
     def counting(*args, **kwargs):
-        batch_sizes.append(kwargs["input_ids"].shape)
+        shapes.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
 
+    def lean_counting(self, tokens, positions):
+        shapes.append((tokens.shape[0], 1))
+        return lean_forward(self, tokens, positions)
+
     eng.model.forward = counting
+    monkeypatch.setattr(LeanDecoder, "forward", lean_counting)
+    return shapes
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_rows_leave_the_batch(model_dir, lean, monkeypatch):
+    """Each decode forward carries only the rows still running: over a call, the rows fed
+    after the prompt's forward sum to sum(len(trained response) - 1); the prompt forward
+    runs each prompt once, not once per sample. With the lean decoder (qwen3, llama) and
+    with the model's forward at every step."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eng = HFEngine(str(model_dir), tokenizer=tok, max_batch_size=64, lean=lean)
+    assert (eng.lean is not None) == (lean and "mistral" not in str(model_dir))
+    batch_sizes = count_forwards(eng, monkeypatch)
     out = eng.generate([render_prompt(tok, c) for c in CONTENTS], 4,
                        SamplingParams(max_new_tokens=12, return_logprobs=True),
                        seeds=list(range(len(CONTENTS))))
@@ -108,7 +125,7 @@ def test_rows_leave_the_batch(model_dir):
     assert sum(rows) == sum(len(c.trained_ids) - 1 for g in out for c in g)
 
 
-def test_prompts_are_reported_at_the_step_their_last_row_stops(model_dir):
+def test_prompts_are_reported_at_the_step_their_last_row_stops(model_dir, monkeypatch):
     """With on_prompt_done, compact decoding reports a prompt as soon as its last row
     stops, before the decoding of the other rows ends; every prompt once, and the
     completions are those of a call without the callback."""
@@ -118,14 +135,8 @@ def test_prompts_are_reported_at_the_step_their_last_row_stops(model_dir):
     params = SamplingParams(max_new_tokens=12, return_logprobs=True)
     seeds = list(range(len(CONTENTS)))
     plain = eng.generate(prompts, 2, params, seeds=seeds)
-    forwards, reported = [], []
-    forward = eng.model.forward
-
-    def counting(*args, **kwargs):
-        forwards.append(1)
-        return forward(*args, **kwargs)
-
-    eng.model.forward = counting
+    reported = []
+    forwards = count_forwards(eng, monkeypatch)
     out = eng.generate(prompts, 2, params, seeds=seeds,
                        on_prompt_done=lambda p, group: reported.append((p, len(forwards), group)))
     assert sorted(p for p, _, _ in reported) == list(range(len(CONTENTS)))

@@ -21,6 +21,7 @@ import torch
 
 from cepo.sampler.base import (Completion, PromptDone, Sampler, SamplingParams, check_generate_args,
                                mix_seed, prompt_seeds, stop_token_ids, weight_update_error)
+from cepo.sampler.lean_decoder import LeanDecoder, LeanWeights, lean_decoder_unsupported
 
 
 def row_uniform(row_key: int, step: int) -> float:
@@ -135,13 +136,18 @@ class HFEngine(Sampler):
     layers can drop rows (full or sliding-window attention) and "generate" otherwise
     (vision-language models, linear-attention or quantised caches). Both draw the same
     tokens from the same keys (``draw_tokens``).
+    lean: in the compact loop, run the decoding steps of Llama / Qwen2 / Qwen3 text models
+    through ``cepo.sampler.lean_decoder`` (the model's weights, its q / k / v and gate / up
+    projections fused in place, a preallocated KV cache; 1.4x less generation time for
+    the embedded default on 2 CPU cores) instead of the model's forward; the prompt's
+    forward is always the model's. Other models ignore it.
     Stop tokens: the tokenizer's EOS plus any EOS ids in the model's generation config
     (e.g. both <|im_end|> and <|endoftext|> for Qwen instruct models).
     """
 
     def __init__(self, model, *, tokenizer, device: torch.device | str = "cpu",
                  max_batch_size: int = 64, dtype: torch.dtype | None = None,
-                 decode: str = "auto"):
+                 decode: str = "auto", lean: bool = True):
         from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
         if max_batch_size < 1:
@@ -187,6 +193,10 @@ class HFEngine(Sampler):
             raise ValueError(f"HFEngine: decode='compact' needs a text model whose cache layers "
                              f"can drop rows; {type(self.model).__name__} cannot (use 'auto')")
         self.compact = compact_ok if decode == "auto" else decode == "compact"
+        # the compact loop's decoding steps without the Hugging Face forward's overhead
+        # (Llama / Qwen2 / Qwen3; cepo.sampler.lean_decoder); the prompt forward stays HF's
+        self.lean = (LeanWeights(self.model) if self.compact and lean and
+                     lean_decoder_unsupported(self.model) is None else None)
         # tied weights appear under every name (lm_head.weight and embed_tokens.weight)
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
         self._params.update({k: v for k, v in self.model.named_buffers(remove_duplicate=False)
@@ -253,6 +263,8 @@ class HFEngine(Sampler):
                                  f"expected {tuple(target.shape)}")
                 continue
             target.copy_(tensor.detach().to(target.device, target.dtype))
+        if self.lean is not None:
+            self.lean.refresh()
         error = weight_update_error(unknown, bad_shape)
         if error is not None:
             raise error
@@ -409,7 +421,8 @@ class HFEngine(Sampler):
         that emits a stop token leaves the batch: its cache rows, mask row, position and key
         are dropped before the next forward. Identical adjacent prompt rows (a prompt's n
         samples) share one prompt forward: the prompt is run once and its cache rows and
-        last logits are repeated for each sample (``shared_prompt_rows``).
+        last logits are repeated for each sample (``shared_prompt_rows``). The steps after
+        the prompt run through ``LeanDecoder`` when the engine has lean weights.
         """
         from transformers import DynamicCache
 
@@ -428,16 +441,18 @@ class HFEngine(Sampler):
         if first is None:
             out = self.model(input_ids=ids.to(device), attention_mask=mask,
                              position_ids=positions, **kw)
-            last_logits = out.logits[:, -1, :]
+            logits = out.logits[:, -1, :]
         else:
             first, expand = first.to(device), expand.to(device)
             out = self.model(input_ids=ids.to(device)[first], attention_mask=mask[first],
                              position_ids=positions[first], **kw)
             cache.batch_select_indices(expand)
-            last_logits = out.logits[expand, -1, :]
+            logits = out.logits[expand, -1, :]
+        lean = (None if self.lean is None else
+                LeanDecoder(self.lean, cache, mask, params.max_new_tokens))
         positions = positions[:, -1:]
         for step in range(params.max_new_tokens):  # at least one: max_new_tokens >= 1
-            scores = (last_logits if step == 0 else out.logits[:, -1, :]).float()
+            scores = logits.float()
             for warp in warpers:
                 scores = warp(None, scores)
             tokens, token_logp = draw_tokens(scores, keys, step)
@@ -452,15 +467,21 @@ class HFEngine(Sampler):
                 break
             if not bool(live.all()):
                 keep = live.nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                rows, mask = rows[keep.cpu()], mask[keep]
-                positions, tokens = positions[keep], tokens[keep]
+                if lean is not None:
+                    lean.select(keep)
+                else:
+                    cache.batch_select_indices(keep)
+                    mask = mask[keep]
+                rows, positions, tokens = rows[keep.cpu()], positions[keep], tokens[keep]
                 if keys is not None:
                     keys = [keys[i] for i in keep.tolist()]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
             positions = positions + 1
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                             **kw)
+            if lean is not None:
+                logits = lean.forward(tokens, positions)
+            else:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+                logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
+                                    position_ids=positions, **kw).logits[:, -1, :]
         steps = step + 1
         return new[:, :steps], None if logprobs is None else logprobs[:, :steps]
 

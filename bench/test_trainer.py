@@ -17,22 +17,53 @@ _RESULTS: dict = {}
 
 
 def _write(bench) -> None:
+    """Write trainer.json, trainer.md and the memory plot: the sections this session
+    measured, each stamped with its own date, commit and command, and the sections of the
+    previous trainer.json it did not re-measure (a run of one test, e.g. ``-k sampler``,
+    keeps the other tests' figures, with their own stamps)."""
     os.makedirs(bench.out_dir, exist_ok=True)
     meta = {k: v for k, v in bench.meta().items() if k not in ("timing_method",)}
-    with open(os.path.join(bench.out_dir, "trainer.json"), "w") as f:
-        json.dump({"meta": meta, **_RESULTS}, f, indent=2)
+    path = os.path.join(bench.out_dir, "trainer.json")
+    sections = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = {}
+        stamp = _stamp(previous.get("meta") or {})
+        sections = {k: {"measured": stamp, **v} for k, v in previous.items()
+                    if k != "meta" and isinstance(v, dict)}
+    for key, section in _RESULTS.items():
+        section.setdefault("measured", _stamp(meta))
+        sections[key] = section
+    with open(path, "w") as f:
+        json.dump({"meta": meta, **sections}, f, indent=2)
     with open(os.path.join(bench.out_dir, "trainer.md"), "w") as f:
-        f.write(markdown(meta))
-    if "update_memory" in _RESULTS:
-        plot(os.path.join(bench.out_dir, "trainer_memory.png"))
+        f.write(markdown(meta, sections))
+    if "update_memory" in sections:
+        plot(os.path.join(bench.out_dir, "trainer_memory.png"), sections["update_memory"])
 
 
-def markdown(meta: dict) -> str:
+def _stamp(meta: dict) -> dict:
+    """When, at which commit and by which command a section was measured."""
+    keys = ("date", "git_commit", "git_dirty", "command", "load_average_start")
+    return {k: meta.get(k) for k in keys}
+
+
+def _measured(section: dict) -> str:
+    m = section.get("measured") or {}
+    return (f"Measured {m.get('date')}, commit {str(m.get('git_commit'))[:10]}"
+            f"{' (uncommitted changes)' if m.get('git_dirty') else ''}, `{m.get('command')}`.")
+
+
+def markdown(meta: dict, sections: dict) -> str:
     lines = [f"# Trainer benchmarks: {meta['device']}", "",
-             f"{meta['date']}, commit {meta['git_commit'][:10]}, `{meta['command']}`", ""]
-    split = _RESULTS.get("step_time_split")
+             f"Last written {meta['date']} at commit {meta['git_commit'][:10]}; each section "
+             "says when it was measured.", ""]
+    split = sections.get("step_time_split")
     if split:
-        lines += [f"## Step time split ({split['model']})", "",
+        lines += [f"## Step time split ({split['model']})", "", _measured(split), "",
                   "| algo | generate s | score s | teacher s | update s | sync s | step s | "
                   "median s | vs GRPO | generate share | tokens/s | peak GB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -50,9 +81,9 @@ def markdown(meta: dict) -> str:
                   f"{first['lambda_first']:.2f} -> {first['lambda_last']:.2f} for RLSD / CEPO: "
                   "the teacher phase runs while lambda > 0), no evaluation; trainer options: "
                   f"`{' '.join(split['extra']) or '(the embedded default)'}`.", ""]
-    whole = _RESULTS.get("whole_run")
+    whole = sections.get("whole_run")
     if whole:
-        lines += [f"## Whole run ({whole['model']})", "",
+        lines += [f"## Whole run ({whole['model']})", "", _measured(whole), "",
                   "| algo | steps | steps with lambda > 0 | generate s | score s | teacher s | "
                   "update s | sync s | steps total s | runs (min-max) s | vs GRPO | "
                   "teacher share | generate share |",
@@ -72,9 +103,10 @@ def markdown(meta: dict) -> str:
                   "excluded. The teacher phase runs only while lambda > 0 (the first t_warm "
                   "steps); \"vs GRPO\" also carries the runs' different response lengths, "
                   "\"teacher share\" is the teacher phase alone.", ""]
-    shared = _RESULTS.get("shared_context")
+    shared = sections.get("shared_context")
     if shared:
         lines += [f"## Shared-context packing vs plain packing ({shared['model']})", "",
+                  _measured(shared), "",
                   "| pass | groups x G | context tokens | response tokens (mean) | plain tokens | "
                   "shared tokens | plain s | shared s | speed-up | plain peak MiB | "
                   "shared peak MiB |",
@@ -92,13 +124,14 @@ def markdown(meta: dict) -> str:
                   "once with its responses after it (cepo.shared_context; same hidden states, "
                   "tests/test_shared_context.py). Median of round-robin timings; peak: the extra "
                   "memory of one pass (activations, and gradients for the update).", ""]
-    decode = _RESULTS.get("sampler_decode")
+    decode = sections.get("sampler_decode")
     if decode:
         lines += ["## Sampler: lean decoding steps vs the model's forward", "",
+                  _measured(decode), "",
                   "| model | prompts x samples | max new tokens | decoder | median s | min s | "
                   "tokens | tokens/s | speed-up | same tokens |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        for case in decode:
+        for case in decode["cases"]:
             for r in case["rows"]:
                 lines.append(f"| {case['model']} | {case['prompts']} x {case['n']} | "
                              f"{case['max_new_tokens']} | {r['decoder']} | {r['median_s']:.3f} | "
@@ -110,9 +143,10 @@ def markdown(meta: dict) -> str:
                   "forward at every step (`--lean_decode false`); the prompt's forward is the "
                   "model's in both. Median over calls alternated between the two engines, "
                   "after one warm-up call each.", ""]
-    mem = _RESULTS.get("update_memory")
+    mem = sections.get("update_memory")
     if mem:
         lines += [f"## Update micro-batch: fused head vs naive logits ({mem['model']})", "",
+                  _measured(mem), "",
                   "| tokens | fused peak MiB | naive peak MiB | naive / fused | fused s | naive s |",
                   "|---|---|---|---|---|---|"]
         by = {(r["head"], r["budget"]): r for r in mem["rows"]}
@@ -136,12 +170,12 @@ def markdown(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str) -> None:
+def plot(path: str, mem: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in _RESULTS["update_memory"]["rows"] if r["status"] == "ok"]
+    rows = [r for r in mem["rows"] if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for head in ("fused", "naive"):
         pts = sorted((r["budget"], r["peak_mib"]) for r in rows if r["head"] == head)
@@ -149,7 +183,7 @@ def plot(path: str) -> None:
             ax.plot(*zip(*pts), marker="o", label=f"{head} head")
     ax.set_xlabel("tokens in the update micro-batch")
     ax.set_ylabel("peak extra memory (MiB)")
-    ax.set_title(f"update micro-batch memory ({_RESULTS['update_memory']['model']})", fontsize=9)
+    ax.set_title(f"update micro-batch memory ({mem['model']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -241,7 +275,7 @@ def test_trainer_sampler_decode(bench, tmp_path):
                                         prompts=prompts, n=n, max_new_tokens=new_tokens,
                                         rounds=rounds)
         results.append({"model": name, **result})
-    _RESULTS["sampler_decode"] = results
+    _RESULTS["sampler_decode"] = {"cases": results}
     _write(bench)
     for r in results:
         assert r["rows"][0]["tokens"] > 0 and all(x["median_s"] > 0 for x in r["rows"])

@@ -140,7 +140,9 @@ class BenchSession:
     def meta(self) -> dict:
         """Run metadata for the results: device, date, commit, versions, methods, wall time."""
         commit = _git("rev-parse", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        # the results a benchmark run rewrites are not the code it measured
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     ":(exclude)bench/results")
         return {
             "device": self.device_name,
             "device_type": self.device_type,

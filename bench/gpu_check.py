@@ -20,10 +20,16 @@ Sections (each recorded even when another fails):
    bare products, naive, Cut Cross-Entropy and Liger, through the benchmark harness
    (bench/test_kernels.run_point: checked against ours first, then
    triton.testing.do_bench medians and peak memory).
-4. report: gpu_check.json and gpu_check.md in --out.
+4. sampler: the Hugging Face engine's lean decoding steps (cepo/sampler/lean_decoder.py)
+   on this device: their logits against the model's forward at every step (random
+   Qwen3-0.6B shape, 2 layers, fp32 and bf16, rows dropped mid-way), then one generate
+   call of 16 prompts x 8 samples, 64 new tokens, at the full Qwen3-0.6B shape in bf16,
+   timed with and without them (the Hugging Face forward is launch-bound on a GPU).
+5. report: gpu_check.json and gpu_check.md in --out.
 
 The dry run executes every section on CPU (compile recorded as skipped, correctness
-through the chunked engine, timing at a tiny shape), so the logic is tested without a GPU.
+through the chunked engine, timing at a tiny shape, the sampler with the shipped tiny
+model), so the logic is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import torch  # noqa: E402
 TARGET = dict(N=16_384, H=2048, V=151_936)
 ODD = dict(N=333, H=96, V=1037)
 TINY = dict(N=64, H=32, V=512)
+SECTIONS = ("compile", "correctness", "sampler", "timing")
 TIMED_OPS = ("evidence", "ppo_loss", "ppo_loss_fwd", "logprobs", "logprobs_grad", "self_distill")
 TOL = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}
 # the self-distillation gradient is a difference of two full distributions, each from
@@ -62,8 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder for gpu_check.json and gpu_check.md (default: $OUT, else bench/results/gpu_check)")
     p.add_argument("--dry-run", action="store_true",
                    help="run every section on CPU at tiny shapes (no CUDA needed)")
-    p.add_argument("--sections", default="compile,correctness,timing",
-                   help="comma-separated subset of compile,correctness,timing")
+    p.add_argument("--sections", default="compile,correctness,sampler,timing",
+                   help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--ops", default=",".join(TIMED_OPS), help="ops to time (comma-separated)")
     p.add_argument("--shape", default=None,
                    help="timing shape N,H,V (default: 16384,2048,151936; tiny in a dry run)")
@@ -75,9 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="V,H of the V x H > 2^31 case (0 to skip)")
     args = p.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
-    bad = set(args.sections) - {"compile", "correctness", "timing"}
+    bad = set(args.sections) - set(SECTIONS)
     if bad:
-        p.error(f"--sections: unknown {sorted(bad)}; choose from compile, correctness, timing")
+        p.error(f"--sections: unknown {sorted(bad)}; choose from {', '.join(SECTIONS)}")
     args.skip = [c for c in args.skip.split(",") if c]
     args.ops = [o for o in args.ops.split(",") if o]
     bad = set(args.ops) - set(TIMED_OPS)
@@ -358,6 +365,52 @@ def _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point) -> lis
 
 # --------------------------------------------------------------------------- 4. report
 
+# --------------------------------------------------------------------------- 4. sampler
+
+def sampler_section(device, dry_run: bool) -> list[dict]:
+    """Lean decoding steps on ``device``: the worst relative logit error against the
+    model's forward (fp32, bf16), then one timed generate call with and without them."""
+    import tempfile
+    from pathlib import Path
+
+    from bench import trainer
+
+    rows = []
+    small = dict(trainer.QWEN3_0_6B, num_hidden_layers=2, vocab_size=4096)
+    for dtype, tol in ((torch.float32, TOL["fp32"]), (torch.bfloat16, 3e-2)):
+        name = str(dtype).removeprefix("torch.")
+        try:
+            model = trainer.random_model(small, dtype).to(device).eval()
+            ref, lean = trainer.lean_and_model_logits(model, batch=6, width=9, steps=8,
+                                                      drop_at={4: [0, 2, 5]})
+            worst = max(_rel(b.double(), a.double()) for a, b in zip(ref, lean))
+            rows.append(dict(check="lean logits vs model forward", dtype=name, worst=worst,
+                             tol=tol, status="ok" if worst <= tol else "FAIL"))
+        except Exception as e:  # recorded, the other checks still run
+            rows.append(dict(check="lean logits vs model forward", dtype=name, status="error",
+                             note=f"{type(e).__name__}: {e}"[:300]))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if dry_run:
+                path, dtype, prompts, n, new_tokens = trainer.TINY_ASSET, torch.float32, 4, 4, 16
+            else:
+                dtype, prompts, n, new_tokens = torch.bfloat16, 16, 8, 64
+                path = trainer.random_model_dir(Path(tmp) / "m", trainer.QWEN3_0_6B, dtype)
+            result = trainer.sampler_decode(path, device=device.type, dtype=dtype,
+                                            prompts=prompts, n=n, max_new_tokens=new_tokens,
+                                            rounds=1 if dry_run else 3)
+        for r in result["rows"]:
+            rows.append(dict(check=f"generate {prompts} x {n}, {new_tokens} tokens: "
+                                   f"{r['decoder']}", dtype=str(dtype).removeprefix("torch."),
+                             seconds=r["median_s"], tokens_per_s=r["tokens_per_s"],
+                             speedup=result["speedup"] if r["decoder"] == "lean" else 1.0,
+                             same_tokens=result["same_tokens"], status="ok"))
+    except Exception as e:
+        rows.append(dict(check="generate with and without lean steps", status="error",
+                         note=f"{type(e).__name__}: {e}"[:300]))
+    return rows
+
+
 def _fmt(x) -> str:
     if x is None:
         return "-"
@@ -400,6 +453,19 @@ def markdown(report: dict) -> str:
             lines.append("| " + " | ".join([r.get("op", "-"), r.get("dtype", "-"), _fmt(r.get("splits")),
                                             r.get("backend", "-"), _fmt(r.get("worst")), _fmt(r.get("tol")),
                                             r["status"], (errs or r.get("note") or "").replace("|", "/")]) + " |")
+        lines.append("")
+    samp = report.get("sampler")
+    if samp is not None:
+        lines += ["## Sampler: lean decoding steps", "",
+                  "| check | dtype | worst rel err | tol | seconds | tokens/s | speed-up | "
+                  "same tokens | status |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+        for r in samp:
+            status = r["status"] if not r.get("note") else f"{r['status']}: {r['note']}"
+            lines.append("| " + " | ".join([r["check"], r.get("dtype", "-"), _fmt(r.get("worst")),
+                                            _fmt(r.get("tol")), _fmt(r.get("seconds")),
+                                            _fmt(r.get("tokens_per_s")), _fmt(r.get("speedup")),
+                                            _fmt(r.get("same_tokens")),
+                                            status.replace("|", "/")]) + " |")
         lines.append("")
     tim = report.get("timing")
     if tim is not None:
@@ -453,13 +519,16 @@ def main(argv=None) -> int:
     if "correctness" in args.sections:
         report["correctness"] = correctness_section(device, args.dry_run, args.big_head)
         write_report(args.out, report)
+    if "sampler" in args.sections:
+        report["sampler"] = sampler_section(device, args.dry_run)
+        write_report(args.out, report)
     if "timing" in args.sections:
         report["timing"] = timing_section(device, args.shape, args.ops, args.budget_s, args.skip)
     report["meta"]["wall_s"] = time.perf_counter() - started
     paths = write_report(args.out, report)
     print(markdown(report))
     print("wrote " + ", ".join(paths))
-    failed = [r for sec in ("compile", "correctness") for r in report.get(sec) or []
+    failed = [r for sec in ("compile", "correctness", "sampler") for r in report.get(sec) or []
               if r.get("status") in ("FAIL", "error")]
     failed += [r for r in report.get("timing") or [] if r.get("status") in ("mismatch", "error")]
     return 1 if failed else 0

@@ -155,6 +155,63 @@ def sampler_decode(model: Path, *, device: str, dtype: torch.dtype, prompts: int
             "max_new_tokens": max_new_tokens, "calls": rounds}
 
 
+def left_padded_prompts(batch: int, width: int, vocab: int, seed: int):
+    """Random left-padded prompts (each row keeps at least one token): ids [B, W], attention
+    mask [B, W] and positions [B, W] (the mask's cumulative sum - 1, 0 on padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (batch, width), generator=g)
+    mask = torch.ones(batch, width, dtype=torch.long)
+    for b in range(batch):
+        pad = int(torch.randint(0, width - 1, (1,), generator=g))
+        mask[b, :pad] = 0
+        ids[b, :pad] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def lean_and_model_logits(model, *, batch: int = 5, width: int = 7, steps: int = 6,
+                          drop_at: dict[int, list[int]] | None = None, seed: int = 0):
+    """Decode ``steps`` random tokens after one prompt forward, once with the model's own
+    forward at every step and once with ``cepo.sampler.lean_decoder``; ``drop_at`` {step:
+    rows kept} drops rows before that step (as the engine does when rows stop). Returns
+    (model logits, lean logits): two lists of [B_step, V] tensors, on the model's device."""
+    from transformers import DynamicCache
+
+    from cepo.sampler.lean_decoder import LeanDecoder, LeanWeights
+
+    device = next(model.parameters()).device
+    ids, mask, positions = (t.to(device) for t in left_padded_prompts(
+        batch, width, model.config.vocab_size, seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(2, model.config.vocab_size, (steps, batch), generator=g).to(device)
+    weights = LeanWeights(model)
+    results = []
+    for lean in (False, True):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+              use_cache=True)
+        decoder = LeanDecoder(weights, cache, mask, steps) if lean else None
+        rows, m, pos, out = torch.arange(batch, device=device), mask, positions[:, -1:], []
+        for step in range(steps):
+            if drop_at and step in drop_at:
+                keep = torch.tensor(drop_at[step], device=device)
+                rows, pos = rows[keep], pos[keep]
+                if lean:
+                    decoder.select(keep)
+                else:
+                    cache.batch_select_indices(keep)
+                    m = m[keep]
+            pos = pos + 1
+            if lean:
+                out.append(decoder.forward(tokens[step, rows], pos))
+            else:
+                m = torch.cat([m, m.new_ones((m.shape[0], 1))], 1)
+                out.append(model(input_ids=tokens[step, rows][:, None], attention_mask=m,
+                                 position_ids=pos, cache=cache, use_cache=True).logits[:, -1])
+        results.append(out)
+    return results[0], results[1]
+
+
 def _packed(budget: int, vocab: int, device, seq_len: int = 512):
     """A packed row of ``budget`` random tokens in sequences of ``seq_len`` (the second
     half of each is the response), with its gather index and targets."""

@@ -21,7 +21,7 @@ def gpu_check():
 
 def test_parse_args_defaults_and_errors(gpu_check, tmp_path):
     args = gpu_check.parse_args(["--out", str(tmp_path)])
-    assert args.sections == ["compile", "correctness", "timing"]
+    assert args.sections == ["compile", "correctness", "sampler", "timing"]
     assert args.shape == dict(N=16_384, H=2048, V=151_936) and not args.dry_run
     assert args.big_head[0] * args.big_head[1] > 2 ** 31
     args = gpu_check.parse_args(["--dry-run", "--sections", "correctness", "--ops", "ppo_loss",
@@ -49,6 +49,11 @@ def test_report_writing(gpu_check, tmp_path):
                          wgmma=True, tma=False)],
         "correctness": [dict(op="logprobs", dtype="bf16", splits=3, backend="triton",
                              errors={"logprobs": 1e-3}, worst=1e-3, tol=2e-2, status="ok")],
+        "sampler": [dict(check="lean logits vs model forward", dtype="bfloat16", worst=0.01,
+                         tol=0.03, status="ok"),
+                    dict(check="generate 16 x 8, 64 tokens: lean", dtype="bfloat16",
+                         seconds=0.5, tokens_per_s=8000.0, speedup=3.2, same_tokens=True,
+                         status="ok")],
         "timing": [dict(op="ppo_loss", contender="ours", time_ms=12.5, x_floor=1.1, tflops=700.0,
                         peak_extra_mb=300.0, status="ok"),
                    dict(op="ppo_loss", contender="cce", status="n/a", note="n/a | reason")],
@@ -61,6 +66,9 @@ def test_report_writing(gpu_check, tmp_path):
     assert "| logprobs | bf16 | 3 | triton | 0.001 | 0.02 | ok |" in md
     assert "| ppo_loss | ours | 12.5 | 1.1 | 700 | 300 | ok |" in md
     assert "n/a: n/a / reason" in md  # a '|' in a note cannot break the table
+    assert "| lean logits vs model forward | bfloat16 | 0.01 | 0.03 | - | - | - | - | ok |" in md
+    assert ("| generate 16 x 8, 64 tokens: lean | bfloat16 | - | - | 0.5 | 8e+03 | 3.2 | yes "
+            "| ok |") in md
 
 
 def test_dry_run_end_to_end(gpu_check, tmp_path):
@@ -75,6 +83,9 @@ def test_dry_run_end_to_end(gpu_check, tmp_path):
                                        "self_distill"}
     assert {r["divergence"] for r in corr if r["op"] == "self_distill"} == {
         "jsd", "forward_kl", "reverse_kl"}
+    sampler = report["sampler"]
+    assert [r["status"] for r in sampler] == ["ok"] * 4, sampler
+    assert sampler[0]["worst"] <= 1e-5 and sampler[2]["same_tokens"] and sampler[2]["seconds"] > 0
     timed = {(r["op"], r["contender"]): r for r in report["timing"]}
     assert timed[("ppo_loss", "ours")]["status"] == "ok" and timed[("ppo_loss", "ours")]["time_ms"] > 0
     assert timed[("evidence", "floor")]["status"] == "ok"

@@ -7,9 +7,8 @@ the engine's completions are the same with and without it."""
 import pytest
 import torch
 import transformers
-from transformers import DynamicCache
-
-from cepo.sampler.lean_decoder import LeanDecoder, LeanWeights, lean_decoder_unsupported
+from bench.trainer import lean_and_model_logits
+from cepo.sampler.lean_decoder import LeanWeights, lean_decoder_unsupported
 
 
 def tiny_model(arch: str, *, kv_heads: int = 2, dtype=torch.float32, seed: int = 0):
@@ -39,63 +38,13 @@ def tiny_model(arch: str, *, kv_heads: int = 2, dtype=torch.float32, seed: int =
     return model.to(dtype)
 
 
-def prompt_batch(batch: int, width: int, vocab: int, seed: int):
-    """Random left-padded prompts: ids [B, W], mask [B, W], positions [B, W]."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, vocab, (batch, width), generator=g)
-    mask = torch.ones(batch, width, dtype=torch.long)
-    for b in range(batch):
-        pad = int(torch.randint(0, width - 1, (1,), generator=g))
-        mask[b, :pad] = 0
-        ids[b, :pad] = 0
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-def run_both(model, *, batch=5, width=7, steps=6, drop_at=None, seed=0):
-    """Decode ``steps`` random tokens with the Hugging Face forward and with LeanDecoder
-    from the same prompt forward; ``drop_at`` {step: kept rows} drops rows before that
-    step. Returns the two lists of per-step logits [B_step, V]."""
-    ids, mask, positions = prompt_batch(batch, width, model.config.vocab_size, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    tokens = torch.randint(2, model.config.vocab_size, (steps, batch), generator=g)
-    weights = LeanWeights(model)
-    results = []
-    for lean in (False, True):
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                  use_cache=True)
-            decoder = LeanDecoder(weights, cache, mask, steps) if lean else None
-            rows, m, pos, out = torch.arange(batch), mask, positions[:, -1:], []
-            for step in range(steps):
-                if drop_at and step in drop_at:
-                    keep = torch.tensor(drop_at[step])
-                    rows, pos = rows[keep], pos[keep]
-                    if lean:
-                        decoder.select(keep)
-                    else:
-                        cache.batch_select_indices(keep)
-                        m = m[keep]
-                pos = pos + 1
-                if lean:
-                    out.append(decoder.forward(tokens[step, rows], pos))
-                else:
-                    m = torch.cat([m, m.new_ones((m.shape[0], 1))], 1)
-                    out.append(model(input_ids=tokens[step, rows][:, None], attention_mask=m,
-                                     position_ids=pos, cache=cache,
-                                     use_cache=True).logits[:, -1])
-        results.append(out)
-    return results
-
-
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_logits_match_the_model_fp32(arch, kv_heads):
     model = tiny_model(arch, kv_heads=kv_heads, seed=kv_heads)
     if arch == "qwen2":  # q / k / v biases on by default; make them count
         assert model.model.layers[0].self_attn.q_proj.bias is not None
-    hf, lean = run_both(model, drop_at={3: [0, 2, 4], 5: [2]})
+    hf, lean = lean_and_model_logits(model, drop_at={3: [0, 2, 4], 5: [2]})
     assert [x.shape[0] for x in lean] == [5, 5, 5, 3, 3, 1]
     for a, b in zip(hf, lean):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
@@ -104,7 +53,7 @@ def test_logits_match_the_model_fp32(arch, kv_heads):
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_logits_match_the_model_bf16(arch):
     model = tiny_model(arch, dtype=torch.bfloat16, seed=3)
-    hf, lean = run_both(model, batch=4, steps=5, drop_at={2: [1, 3]})
+    hf, lean = lean_and_model_logits(model, batch=4, steps=5, drop_at={2: [1, 3]})
     for a, b in zip(hf, lean):
         assert b.dtype == torch.bfloat16
         torch.testing.assert_close(b.float(), a.float(), atol=3e-2, rtol=3e-2)
@@ -112,7 +61,7 @@ def test_logits_match_the_model_bf16(arch):
 
 def test_single_row_and_single_step():
     model = tiny_model("qwen3", seed=5)
-    hf, lean = run_both(model, batch=1, width=3, steps=1)
+    hf, lean = lean_and_model_logits(model, batch=1, width=3, steps=1)
     torch.testing.assert_close(lean[0], hf[0], atol=1e-5, rtol=1e-5)
 
 
@@ -137,7 +86,7 @@ def test_fused_projections_are_views_and_updates_reach_them():
     stale = layer.qk_norm[0].clone()
     weights.refresh()
     assert not torch.equal(stale, layer.qk_norm[0])
-    hf, lean = run_both(model, steps=3)
+    hf, lean = lean_and_model_logits(model, steps=3)
     for a, b in zip(hf, lean):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 

@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timing shape N,H,V (default: 16384,2048,151936; tiny in a dry run)")
     p.add_argument("--skip", default="",
                    help="contenders left out of the timing (comma-separated, e.g. torch.compile)")
-    p.add_argument("--budget-s", type=float, default=420.0,
+    p.add_argument("--budget-s", type=float, default=390.0,
                    help="stop starting new timing points after this many seconds in total")
     p.add_argument("--big-head", default="262144,8200",
                    help="V,H of the V x H > 2^31 case (0 to skip)")
@@ -363,8 +363,6 @@ def _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point) -> lis
     return rows
 
 
-# --------------------------------------------------------------------------- 4. report
-
 # --------------------------------------------------------------------------- 4. sampler
 
 def sampler_section(device, dry_run: bool) -> list[dict]:
@@ -410,6 +408,8 @@ def sampler_section(device, dry_run: bool) -> list[dict]:
                          note=f"{type(e).__name__}: {e}"[:300]))
     return rows
 
+
+# --------------------------------------------------------------------------- 5. report
 
 def _fmt(x) -> str:
     if x is None:

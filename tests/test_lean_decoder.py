@@ -124,6 +124,9 @@ def test_engine_same_completions_with_and_without(tmp_path):
     lean = HFEngine(str(path), tokenizer=tok, max_batch_size=8)
     plain = HFEngine(str(path), tokenizer=tok, max_batch_size=8, lean=False)
     assert lean.lean is not None and plain.lean is None
+    with HFEngine(str(path), tokenizer=tok) as closed:
+        assert closed.lean is not None
+    assert closed.model is None and closed.lean is None  # close() frees the fused weights too
     for params in (SamplingParams(temperature=1.0, max_new_tokens=12, return_logprobs=True),
                    SamplingParams(temperature=0.0, max_new_tokens=9, return_logprobs=True)):
         got = lean.generate(prompts, 3, params, seeds=list(range(5)))

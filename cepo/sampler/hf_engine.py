@@ -490,5 +490,6 @@ class HFEngine(Sampler):
         if getattr(self, "model", None) is not None:
             self.model = None
             self._params = {}
+            self.lean = None  # it holds the fused weights
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder for gpu_check.json and gpu_check.md (default: $OUT, else bench/results/gpu_check)")
     p.add_argument("--dry-run", action="store_true",
                    help="run every section on CPU at tiny shapes (no CUDA needed)")
-    p.add_argument("--sections", default="compile,correctness,sampler,timing",
+    p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--ops", default=",".join(TIMED_OPS), help="ops to time (comma-separated)")
     p.add_argument("--shape", default=None,

@@ -6,7 +6,7 @@ Hugging Face forward is dominated by per-operation overhead, not arithmetic: mod
 a causal mask rebuilt every step, a cache concatenated every step, an attention
 dispatcher; ~1300 small operations a step for the shipped 4-layer model. This module runs
 the same computation from the model's own weights in ~25 operations a layer: the q / k / v
-and the gate / up projections each one product (``fuse_projections`` makes the modules'
+and the gate / up projections each one product (``LeanWeights`` makes the modules'
 weights views of one tensor, so nothing is copied and weight updates reach both), the q /
 k norms and the rotary embedding of q and k applied together, a preallocated KV cache
 written one slot a step, and the padding bias built once.
@@ -129,7 +129,6 @@ class LeanWeights:
             raise ValueError(f"LeanWeights: unsupported model: {reason}")
         config = model.config
         body = model.model
-        self.model = model
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.layers: list[_Layer] = []

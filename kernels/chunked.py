@@ -279,11 +279,32 @@ def _chunk_stats(s, h_c, head, y_c, valid_c, inv_temp, with_entropy):
     return p, lp, lse, ent
 
 
+def _chunk_log_probs(s, h_c, head, y_c, valid_c, inv_temp):
+    """Logits of one chunk, their log-softmax in place, and its statistics: (lp [r], lse [r]).
+
+    The forward without entropy needs no probabilities: one in-place log-softmax (a read
+    and a write of the chunk) gives log p_y, where ``_chunk_stats`` reads the chunk twice
+    more for its two maxima. lse = u_y - log p_y (u_y the tempered logit read before the
+    pass); for low-precision logits the target logit is the exact fp32 h . W_y, as there.
+    """
+    acc = head.acc
+    z, u = _chunk_logits(s, h_c, head, inv_temp)
+    u_y = u.gather(1, y_c[:, None])[:, 0]
+    torch.ops.aten._log_softmax.out(u, 1, False, out=u)
+    log_p_y = u.gather(1, y_c[:, None])[:, 0]
+    lse = u_y - log_p_y
+    if z.dtype != acc:
+        log_p_y = _target_logits(h_c, head.w, y_c, acc) * inv_temp - lse
+    lp = torch.where(valid_c, log_p_y, torch.zeros_like(lse))
+    return lp, lse
+
+
 def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
     """Log-probs of y under each hidden block [N, H]: (lp [K, N], lse [K, N], entropy [K, N] | None).
 
     y [N] holds valid token ids (ignored positions replaced by 0); valid [N] bool. One
-    [rows, V] product per chunk per block, then the exact softmax statistics of the chunk.
+    [rows, V] product per chunk per block, then the exact statistics of the chunk (an
+    in-place log-softmax without entropy, the softmax with it).
     """
     acc = acc_dtype(weight.dtype)
     k, n = len(hiddens), y.shape[0]
@@ -301,11 +322,13 @@ def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
         rows = s.rows
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
+            if not with_entropy:
+                lp[i, r0:r1], lse[i, r0:r1] = _chunk_log_probs(
+                    s, head.h[r0:r1], head, y[r0:r1], valid[r0:r1], inv_temp)
+                continue
             _, lp_c, lse_c, ent_c = _chunk_stats(s, head.h[r0:r1], head, y[r0:r1],
                                                  valid[r0:r1], inv_temp, with_entropy)
-            lp[i, r0:r1], lse[i, r0:r1] = lp_c, lse_c
-            if with_entropy:
-                ent[i, r0:r1] = ent_c
+            lp[i, r0:r1], lse[i, r0:r1], ent[i, r0:r1] = lp_c, lse_c, ent_c
     return lp, lse, ent
 
 

@@ -92,6 +92,28 @@ def test_fp16_inputs_accumulate_in_fp32():
     assert rel_err(out.logprobs, ref.logprobs) <= 1e-2
 
 
+@pytest.mark.parametrize("engine,device", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,h,v", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_reference_without_entropy(engine, device, dtype, n, h, v, temperature):
+    """The forward without entropy (the common call; on the CPU path an in-place
+    log-softmax of each chunk, lse = u_y - log p_y): log-probs AND logsumexp against
+    float64, then the gradients through both."""
+    hidden, weight, targets = head_inputs(n, h, v, dtype, device, seed=n + v + 1, scale=2.0,
+                                          ignore=(3, 5), requires_grad=True)
+    out = ck.fused_logprobs(hidden, weight, targets, temperature=temperature, backend=engine)
+    ref = reference.fused_logprobs(hidden, weight, targets, temperature=temperature)
+    assert out.entropy is None
+    assert rel_err(out.logprobs, ref.logprobs) <= TOL[dtype]
+    assert rel_err(out.logsumexp, ref.logsumexp) <= TOL[dtype]
+    assert (out.logprobs[targets == -100] == 0).all()
+    w = torch.linspace(0.5, 1.5, n, device=device)
+    for got, want in zip(grads((w * out.logprobs).sum() - 0.2 * out.logsumexp.sum(), hidden, weight),
+                         grads((w * ref.logprobs).sum() - 0.2 * ref.logsumexp.sum(), hidden, weight)):
+        assert rel_err(got, want) <= GRAD_TOL[dtype]
+
+
 @pytest.mark.parametrize("v", [32_001, 151_936])
 def test_real_vocab_sizes_chunked(v, monkeypatch):
     """Vocabulary sizes of real models, several ragged row chunks, on the CPU path.
@@ -145,6 +167,8 @@ def test_real_vocab_bf16_chunked(with_entropy, temperature, monkeypatch):
     for got, want in zip(out, ref):
         if want is not None:
             assert rel_err(got, want) <= TOL[torch.bfloat16]
+    if temperature == 1.0:  # the target logit enters lp exactly (a bf16-rounded one: ~2e-4)
+        assert rel_err(out.logprobs, ref.logprobs) <= 1e-4
     w = torch.linspace(0.5, 1.5, 7)
     loss_out = (w * out.logprobs).sum() - 0.2 * out.logsumexp.sum()
     loss_ref = (w * ref.logprobs).sum() - 0.2 * ref.logsumexp.sum()

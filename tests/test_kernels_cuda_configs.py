@@ -1,0 +1,94 @@
+"""The Triton kernels with the tile sizes CUDA runs, under the interpreter.
+
+The interpreter tests elsewhere use one small tile (``triton_ops.INTERPRETER_CONFIG``); on
+a GPU the forward autotunes over ``CUDA_CONFIGS`` and the row kernels use ``ROW_BLOCK``,
+and ``bench/gpu_check.py`` can verify only the configuration the autotuner picks for its
+shapes. Here every one of them runs against float64 before any GPU sees it, at sizes that
+make each tile ragged: 133 rows (a full 128-row block and a partial one), H 96 (1.5
+blocks of 64, under one of 128), V 517 and 1,100 (no multiple of 128, 256 or 1,024).
+"""
+
+import pytest
+import torch
+
+import cepo_kernels as ck
+from cepo_kernels import backend, reference, triton_ops
+from kernel_cases import GRAD_TOL, TOL, grads, head_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(not (backend.triton_available() and backend.interpreting()),
+                                reason="needs triton and TRITON_INTERPRET=1")
+
+N, H = 133, 96
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def _config_id(cfg):
+    m, v, d, warps, stages = cfg
+    return f"m{m}-v{v}-d{d}"
+
+
+@pytest.fixture
+def cuda_row_block(monkeypatch):
+    """The row kernels (statistics and gradient tile of the backward) with CUDA's block."""
+    monkeypatch.setattr(triton_ops, "ROW_BLOCK_INTERPRET", dict(triton_ops.ROW_BLOCK))
+
+
+@pytest.mark.parametrize("cfg", triton_ops.CUDA_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("splits", [None, 3], ids=["one-split", "three-splits"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_with_each_cuda_tile(cfg, splits, dtype, monkeypatch):
+    """The three-context forward and its CEPO epilogue, and one context with entropy at
+    T 0.7, for each autotuned tile (GROUP_M 8 as on CUDA: more than the row blocks)."""
+    m, v, d = cfg[:3]
+    monkeypatch.setattr(triton_ops, "INTERPRETER_CONFIG",
+                        dict(BLOCK_M=m, BLOCK_V=v, BLOCK_D=d, GROUP_M=8))
+    monkeypatch.setattr(triton_ops, "FORCE_NUM_SPLITS", splits)
+    vocab = 517
+    hs = [head_inputs(N, H, vocab, dtype, "cpu", seed=i, scale=2.0, ignore=(0, 130))[0]
+          for i in range(3)]
+    _, weight, targets = head_inputs(N, H, vocab, dtype, "cpu", seed=7, ignore=(0, 130))
+    gen = torch.Generator().manual_seed(1)
+    adv = torch.randn(N, generator=gen)
+    has_neg = torch.rand(N, generator=gen) > 0.3
+    out = ck.contrastive_evidence(*hs, weight, targets, adv, has_neg, lam=0.5, eps_w=0.2,
+                                  backend="triton")
+    ref = reference.contrastive_evidence(*hs, weight, targets, adv, has_neg, lam=0.5, eps_w=0.2)
+    for name in ("lp_policy", "lp_pos", "lp_neg", "delta", "token_advantages"):
+        assert rel_err(getattr(out, name), getattr(ref, name)) <= TOL[dtype], name
+
+    one = ck.fused_logprobs(hs[0], weight, targets, temperature=0.7, return_entropy=True,
+                            backend="triton")
+    want = reference.fused_logprobs(hs[0], weight, targets, temperature=0.7, return_entropy=True)
+    for got, expected in zip(one, want):
+        assert rel_err(got, expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("vocab", [517, 1100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_with_cuda_row_block(vocab, dtype, cuda_row_block):
+    """Log-prob gradients (logits recomputed, statistics and dz from the row kernels) and
+    the PPO loss's gradient with the row kernels' CUDA block."""
+    hidden, weight, targets = head_inputs(N, H, vocab, dtype, "cpu", seed=vocab, scale=2.0,
+                                          ignore=(3, 131), requires_grad=True)
+    w = torch.linspace(0.5, 1.5, N)
+
+    def loss(out):
+        return (w * out.logprobs).sum() + 0.3 * (w * out.entropy).sum() - 0.2 * out.logsumexp.sum()
+
+    out = ck.fused_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True,
+                            backend="triton")
+    ref = reference.fused_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True)
+    for got, want in zip(grads(loss(out), hidden, weight), grads(loss(ref), hidden, weight)):
+        assert rel_err(got, want) <= GRAD_TOL[dtype]
+
+    gen = torch.Generator().manual_seed(2)
+    old = ref.logprobs.detach().float() + 0.1 * torch.randn(N, generator=gen)
+    adv = torch.randn(N, generator=gen)
+    mask = torch.rand(N, generator=gen) > 0.2
+    kw = dict(clip_low=0.2, clip_high=0.28)
+    loss_t, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                         backend="triton", **kw)
+    loss_r, _ = reference.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, **kw)
+    assert rel_err(loss_t, loss_r) <= TOL[dtype]
+    for got, want in zip(grads(loss_t, hidden, weight), grads(loss_r, hidden, weight)):
+        assert rel_err(got, want) <= GRAD_TOL[dtype]

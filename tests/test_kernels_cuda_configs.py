@@ -66,8 +66,8 @@ def test_forward_with_each_cuda_tile(cfg, splits, dtype, monkeypatch):
 @pytest.mark.parametrize("vocab", [517, 1100])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_with_cuda_row_block(vocab, dtype, cuda_row_block):
-    """Log-prob gradients (logits recomputed, statistics and dz from the row kernels) and
-    the PPO loss's gradient with the row kernels' CUDA block."""
+    """Log-prob gradients (logits recomputed, statistics and dz from the row kernels), the
+    PPO loss's and the self-distillation loss's gradients, with the row kernels' CUDA block."""
     hidden, weight, targets = head_inputs(N, H, vocab, dtype, "cpu", seed=vocab, scale=2.0,
                                           ignore=(3, 131), requires_grad=True)
     w = torch.linspace(0.5, 1.5, N)
@@ -92,3 +92,14 @@ def test_backward_with_cuda_row_block(vocab, dtype, cuda_row_block):
     assert rel_err(loss_t, loss_r) <= TOL[dtype]
     for got, want in zip(grads(loss_t, hidden, weight), grads(loss_r, hidden, weight)):
         assert rel_err(got, want) <= GRAD_TOL[dtype]
+
+    h_teacher = head_inputs(N, H, vocab, dtype, "cpu", seed=vocab + 1, scale=2.0)[0]
+    for kind, beta in (("jsd", 0.5), ("reverse_kl", 1.0)):
+        kw = dict(divergence=kind, beta=beta, temperature=0.7)
+        loss_t, _ = ck.fused_linear_self_distill_loss(hidden, h_teacher, weight, targets, mask,
+                                                      backend="triton", **kw)
+        loss_r, _ = reference.fused_linear_self_distill_loss(hidden, h_teacher, weight, targets,
+                                                             mask, **kw)
+        assert rel_err(loss_t, loss_r) <= TOL[dtype], kind
+        for got, want in zip(grads(loss_t, hidden, weight), grads(loss_r, hidden, weight)):
+            assert rel_err(got, want) <= GRAD_TOL[dtype], kind

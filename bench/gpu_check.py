@@ -6,7 +6,8 @@
 Sections (each recorded even when another fails):
 
 1. compile: every Triton kernel at the target shapes (each forward autotune config for
-   one and three contexts, the row-statistics and dz kernels for bf16 / fp16 tiles):
+   one and three contexts, the latter also with tensor-descriptor (TMA) loads, the
+   row-statistics and dz kernels for bf16 / fp16 tiles):
    registers, spills, shared memory, and whether the PTX holds wgmma (Hopper MMA) and
    cp.async.bulk.tensor (TMA) instructions.
 2. correctness on CUDA against the float64 reference at odd sizes (N 333, V 1037, H 96,
@@ -14,12 +15,13 @@ Sections (each recorded even when another fails):
    forced split counts 1, 3 and 7, ignored targets, temperature 0.7, entropy, fp32 /
    bf16 / fp16 inputs and gradients, the PPO loss (also with dual clip and token weights),
    the self-distillation loss (JSD, forward and reverse KL, token weights) and the evidence
-   epilogue; and one head
+   epilogue; the 16-bit forward with TMA forced off too (on by default on Hopper); and one head
    with V x H > 2^31 elements (int64 offsets), checked against fp32 row chunks.
 3. timing at the target shapes (bf16, N 16k per context, H 2048, V 151,936): ours, the
    bare products, naive, Cut Cross-Entropy and Liger, through the benchmark harness
    (bench/test_kernels.run_point: checked against ours first, then
-   triton.testing.do_bench medians and peak memory).
+   triton.testing.do_bench medians and peak memory); then the three-context forward with
+   its default loads against pointer loads (TMA off).
 4. sampler: the Hugging Face engine's lean decoding steps (cepo/sampler/lean_decoder.py)
    on this device: their logits against the model's forward at every step (random
    Qwen3-0.6B shape, 2 layers, fp32 and bf16, rows dropped mid-way), then one generate
@@ -147,15 +149,19 @@ def compile_section(device, shape) -> list[dict]:
     vec = torch.empty(16, **f32)
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     i8 = torch.zeros(16, dtype=torch.int8, device=device)
-    for k, epi in ((1, False), (3, True)):
+    for k, epi, tma in ((1, False, False), (3, True, False), (3, True, True)):
         for bm, bv, bd, warps, stages in triton_ops.CUDA_CONFIGS:
-            name = f"stacked_fwd K={k}{' +epilogue' if epi else ''} BLOCK {bm}x{bv}x{bd} w{warps} s{stages}"
+            name = (f"stacked_fwd K={k}{' +epilogue' if epi else ''}{' TMA' if tma else ''} "
+                    f"BLOCK {bm}x{bv}x{bd} w{warps} s{stages}")
             try:
+                descs = (triton_ops._descriptors(hid.view(-1, h), w, dict(BLOCK_M=bm, BLOCK_V=bv,
+                                                                         BLOCK_D=bd))
+                         if tma else (None, None))
                 c = tk.stacked_fwd_kernel.warmup(
-                    hid, h * n, h, w, h, y, vec, i32, vec, vec, vec, vec, i8, vec, vec, i8,
+                    hid, h * n, h, w, h, *descs, y, vec, i32, vec, vec, vec, vec, i8, vec, vec, i8,
                     n, v, h, 1.0, 0.5, 0.2, 4, 1024, grid=(1,), K=k, WITH_ENTROPY=False,
                     EPILOGUE=epi, DIRECT=not epi, UPCAST=False, BLOCK_M=bm, BLOCK_V=bv,
-                    BLOCK_D=bd, GROUP_M=8, num_warps=warps, num_stages=stages)
+                    BLOCK_D=bd, GROUP_M=8, USE_TMA=tma, num_warps=warps, num_stages=stages)
                 rows.append(dict(kernel=name, status="ok", **_kernel_facts(c)))
             except Exception as e:  # noqa: BLE001 - recorded
                 rows.append(dict(kernel=name, status="error", note=f"{type(e).__name__}: {str(e)[:300]}"))
@@ -211,6 +217,9 @@ def correctness_cases(dry_run: bool) -> list[dict]:
         cases.append(dict(op="ppo_loss_dual_weighted", dtype=dt, splits=None))
         for divergence in ("jsd", "forward_kl", "reverse_kl"):
             cases.append(dict(op="self_distill", dtype=dt, splits=None, divergence=divergence))
+        if dt != "fp32":  # Hopper's default is TMA for 16-bit tiles: the pointer loads too
+            cases.append(dict(op="logprobs", dtype=dt, splits=3, tma=False))
+            cases.append(dict(op="evidence", dtype=dt, splits=3, tma=False))
     return cases
 
 
@@ -221,6 +230,7 @@ def _one_case(case, device, backend, shape):
     n, h, v = shape["N"], shape["H"], shape["V"]
     hidden, weight, targets, old, adv, mask = _inputs(n, h, v, dtype, device, seed=n + v)
     triton_ops.FORCE_NUM_SPLITS = case["splits"]
+    triton_ops.FORCE_TMA = case.get("tma")
     saved_chunk = triton_ops.GPU_CHUNK_BYTES
     triton_ops.GPU_CHUNK_BYTES = 6 * v * 64  # chunks of 64 rows: dW accumulates over 6 chunks
     try:
@@ -277,10 +287,12 @@ def _one_case(case, device, backend, shape):
             errs[name] = _rel(a.float(), b)
     finally:
         triton_ops.FORCE_NUM_SPLITS = None
+        triton_ops.FORCE_TMA = None
         triton_ops.GPU_CHUNK_BYTES = saved_chunk
     tol = (DISTILL_TOL if case["op"] == "self_distill" else TOL)[case["dtype"]]
     worst = max(errs.values())
-    return dict(case, backend=backend, errors=errs, worst=worst, tol=tol,
+    label = backend if case.get("tma") is not False or backend != "triton" else "triton, TMA off"
+    return dict(case, backend=label, errors=errs, worst=worst, tol=tol,
                 status="ok" if worst <= tol else "FAIL")
 
 
@@ -316,8 +328,8 @@ def correctness_section(device, dry_run, big_head) -> list[dict]:
     rows = []
     for be in backends:
         for case in correctness_cases(dry_run):
-            if be == "torch" and case["splits"] not in (None, 1):
-                continue  # split counts are a Triton notion
+            if be == "torch" and (case["splits"] not in (None, 1) or "tma" in case):
+                continue  # split counts and tile loads are Triton notions
             try:
                 rows.append(_one_case(case, device, be, shape))
             except Exception as e:  # noqa: BLE001 - recorded
@@ -345,7 +357,50 @@ def timing_section(device, shape, ops, budget_s, skip=()) -> list[dict]:
         rows = _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point)
     finally:
         C.CONTENDERS.update(saved)
+    if "evidence" in ops:
+        rows.extend(tma_timing(device, shape))
     return rows
+
+
+def tma_timing(device, shape) -> list[dict]:
+    """The three-context forward (evidence) at the timing shape with its default tile
+    loads (TMA on Hopper) and with pointer loads: (two rows, the second with its ratio)."""
+    if device.type != "cuda":
+        return [dict(op="evidence", contender="ours, TMA vs pointer loads", status="skipped",
+                     note="no CUDA (dry run)")]
+    import triton.testing
+    from bench import contenders as C
+    from cepo_kernels import triton_ops
+    pt = C.Point("evidence", shape["N"], shape["V"], shape["H"], "bf16",
+                 seq_len=min(shape["N"], 1024))
+    run = C.ours_evidence(C.make_inputs(pt, str(device)))
+    rows = []
+    try:
+        for label, force in (("ours, default loads", None), ("ours, pointer loads (TMA off)", False)):
+            triton_ops.FORCE_TMA = force
+            run()  # compile and autotune this variant outside the timing
+            ms = triton.testing.do_bench(run, warmup=50, rep=300)
+            rows.append(dict(op="evidence", contender=label, time_ms=ms, status="ok",
+                             note=f"TMA used: {_tma_used(device, shape, force)}"))
+        rows[1]["x_floor"] = None
+        rows[1]["note"] += f"; {rows[1]['time_ms'] / rows[0]['time_ms']:.3f}x the default"
+    except Exception as e:  # noqa: BLE001 - recorded
+        rows.append(dict(op="evidence", contender="ours, TMA vs pointer loads", status="error",
+                         note=f"{type(e).__name__}: {str(e)[:300]}"))
+    finally:
+        triton_ops.FORCE_TMA = None
+    return rows
+
+
+def _tma_used(device, shape, force) -> bool:
+    from cepo_kernels import triton_ops
+    saved = triton_ops.FORCE_TMA
+    triton_ops.FORCE_TMA = force
+    try:
+        probe = torch.empty(16, shape["H"], dtype=torch.bfloat16, device=device)
+        return triton_ops.use_tma(device, probe, probe)
+    finally:
+        triton_ops.FORCE_TMA = saved
 
 
 def _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point) -> list[dict]:
@@ -473,7 +528,7 @@ def markdown(report: dict) -> str:
                   "|---|---|---:|---:|---:|---:|---|"]
         for r in tim:
             status = r.get("status", "-")
-            if status != "ok" and r.get("note"):
+            if r.get("note"):
                 status = f"{status}: {r['note']}"
             lines.append("| " + " | ".join([r.get("op", "-"), r.get("contender", "-"), _fmt(r.get("time_ms")),
                                             _fmt(r.get("x_floor")), _fmt(r.get("tflops")),

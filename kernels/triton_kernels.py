@@ -127,20 +127,25 @@ def _combine_and_finalize(kk, part_ptr, toks, tok_ok, valid, N, N_PAD, num_split
 # never specialise on them, so a new N reuses the compiled kernel.
 @triton.jit(do_not_specialize=["N", "num_splits", "vocab_per_split"])
 def stacked_fwd_kernel(
-    h_ptr, stride_hk, stride_h, w_ptr, stride_w, y_ptr,
+    h_ptr, stride_hk, stride_h, w_ptr, stride_w, h_desc, w_desc, y_ptr,
     part_ptr, ticket_ptr,
     lp_ptr, lse_ptr, ent_ptr,
     adv_ptr, has_neg_ptr, delta_ptr, tok_adv_ptr, clipped_ptr,
     N, V, D, inv_temp, lam, eps_w, num_splits, vocab_per_split,
     K: tl.constexpr, WITH_ENTROPY: tl.constexpr, EPILOGUE: tl.constexpr, DIRECT: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """Log-probs of targets y [N] under K <= 4 contexts h [K, N, H] sharing one LM head.
 
     Token blocks of BLOCK_M rows per context (N_PAD: N rounded up to a multiple of BLOCK_M);
     grid: K * (N_PAD / BLOCK_M) * num_splits programs, in grouped order. DIRECT (one split,
     no epilogue: finalise without partials) is the only specialisation on the split count.
+    USE_TMA: the tiles come through tensor descriptors (TMA on Hopper and later) instead of
+    pointer loads: h_desc over h viewed [K * N, H] with blocks [BLOCK_M, BLOCK_D], w_desc
+    over W [V, H] with blocks [BLOCK_V, BLOCK_D]; out-of-bounds elements read as zero. A
+    block's rows past N read the next context's rows: they are masked like padding rows
+    (never stored), and each output row of the dot depends on its own input row only.
     """
     pid = tl.program_id(0)
     N_PAD = tl.cdiv(N, BLOCK_M) * BLOCK_M
@@ -172,12 +177,16 @@ def stacked_fwd_kernel(
         col_ok = cols < v_hi
         acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            x = tl.load(h_base + ds[None, :], mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
-            # int64 offsets: V x H exceeds 2^31 elements for the largest heads
-            wt = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_w + ds[:, None],
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            if USE_TMA:
+                x = h_desc.load([k * N + token_block * BLOCK_M, d0])
+                wt = tl.trans(w_desc.load([v0, d0]))
+            else:
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_ok = ds < D
+                x = tl.load(h_base + ds[None, :], mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
+                # int64 offsets: V x H exceeds 2^31 elements for the largest heads
+                wt = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_w + ds[:, None],
+                             mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:
                 x = x.to(tl.float32)
                 wt = wt.to(tl.float32)

@@ -18,15 +18,25 @@
   and their logsumexp re-reduced (one more read of the chunk) so p is consistent with them.
 
 No op reads device data on the host (no synchronisation).
+
+On Hopper and later (compute capability 9+), bf16 / fp16 forward tiles come through
+tensor descriptors (TMA: one bulk copy per tile instead of per-thread address arithmetic),
+where the rows are 16-byte aligned; ``CEPO_KERNELS_TMA=0`` turns that off (``use_tma``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
+
+try:  # host-side tensor descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
 
 from . import backend, chunked
 from ._types import Evidence
@@ -46,6 +56,55 @@ CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_V, BLOCK_D, warps, stages): 128-row MMAs and
 ]
 ROW_BLOCK = dict(BLOCK_R=4, BLOCK_V=1024)
 ROW_BLOCK_INTERPRET = dict(BLOCK_R=4, BLOCK_V=32)
+
+FORCE_TMA: bool | None = None
+"""Tensor descriptors for the forward's tiles: None lets ``use_tma`` decide; True / False
+forces them on (where the tensors allow: tests run them under the interpreter) or off."""
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Whether 2-D tensors can back tensor descriptors: Triton has them, the last dimension
+    is contiguous, and the base and the row stride are 16-byte aligned (TMA's rule)."""
+    if TensorDescriptor is None:
+        return False
+    return all(t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+               and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def use_tma(device: torch.device, h2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the forward loads its tiles through tensor descriptors: compiled CUDA with
+    compute capability 9+ (Hopper's TMA), bf16 / fp16 operands, ``tma_compatible`` tensors,
+    and ``CEPO_KERNELS_TMA`` not 0. FORCE_TMA overrides all but the tensors' layout."""
+    if FORCE_TMA is not None:
+        return FORCE_TMA and tma_compatible(h2, weight)
+    if os.environ.get("CEPO_KERNELS_TMA", "1") == "0" or not _compiled(device):
+        return False
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] >= 9 and tma_compatible(h2, weight)
+
+
+def _set_tma_blocks(nargs) -> None:
+    """Autotuner pre-hook: the descriptors' block shapes follow each configuration's tiles."""
+    if nargs.get("h_desc") is not None:
+        nargs["h_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_D"]]
+        nargs["w_desc"].block_shape = [nargs["BLOCK_V"], nargs["BLOCK_D"]]
+
+
+def _descriptors(h2, weight, meta):
+    """(h_desc, w_desc) over h2 [K * N, H] and W [V, H], blocked as ``meta``'s tiles (the
+    largest configuration's when autotuning: its pre-hook sets each trial's)."""
+    bm = meta.get("BLOCK_M", max(c[0] for c in CUDA_CONFIGS))
+    bv = meta.get("BLOCK_V", max(c[1] for c in CUDA_CONFIGS))
+    bd = meta.get("BLOCK_D", max(c[2] for c in CUDA_CONFIGS))
+    return (TensorDescriptor.from_tensor(h2, [bm, bd]),
+            TensorDescriptor.from_tensor(weight, [bv, bd]))
 
 
 @functools.cache
@@ -75,7 +134,8 @@ def _compiled(device: torch.device) -> bool:
 @functools.cache
 def _autotuned_forward():
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_V=v, BLOCK_D=d, GROUP_M=8), num_warps=w,
-                             num_stages=st) for m, v, d, w, st in CUDA_CONFIGS]
+                             num_stages=st, pre_hook=_set_tma_blocks)
+               for m, v, d, w, st in CUDA_CONFIGS]
     # the ticket counters must start at zero on every autotuning trial
     return triton.autotune(configs=configs, key=["V", "D"], reset_to_zero=["ticket_ptr"])(
         stacked_fwd_kernel)
@@ -114,6 +174,9 @@ def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=
     h = _row_major(hiddens[0])[None] if k == 1 else torch.stack(hiddens)  # [K, N, H]
     weight = _row_major(weight)
     kernel, meta, max_block_v, min_block_m = _forward_kernel(device)
+    h2 = h[0] if k == 1 else h.view(k * n, d)  # stacked contexts are contiguous
+    tma = n > 0 and use_tma(device, h2, weight)
+    h_desc, w_desc = _descriptors(h2, weight, meta) if tma else (None, None)
     row_blocks = k * triton.cdiv(n, 128 if _compiled(device) else min_block_m)
     splits = num_splits(device, row_blocks, vocab, max_block_v)
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), max_block_v) * max_block_v
@@ -142,11 +205,12 @@ def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=
         return (k * triton.cdiv(n, m["BLOCK_M"]) * splits,)
 
     kernel[grid](
-        h, h.stride(0), h.stride(1), weight, weight.stride(0), y_raw.contiguous(), part, ticket,
+        h, h.stride(0), h.stride(1), weight, weight.stride(0), h_desc, w_desc, y_raw.contiguous(),
+        part, ticket,
         lp, lse, ent, adv, has_neg, delta, tok_adv, clipped,
         n, vocab, d, 1.0 / temperature, float(lam), float(eps_w), splits, vocab_per_split,
         K=k, WITH_ENTROPY=with_entropy, EPILOGUE=epilogue is not None, DIRECT=direct,
-        UPCAST=_upcast(weight.dtype), **meta)
+        UPCAST=_upcast(weight.dtype), USE_TMA=tma, **meta)
     extra = (delta, tok_adv, clipped.view(torch.bool)) if epilogue is not None else None
     return lp, lse, (ent if with_entropy else None), extra
 

@@ -36,13 +36,20 @@ def cuda_row_block(monkeypatch):
 @pytest.mark.parametrize("cfg", triton_ops.CUDA_CONFIGS, ids=_config_id)
 @pytest.mark.parametrize("splits", [None, 3], ids=["one-split", "three-splits"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_with_each_cuda_tile(cfg, splits, dtype, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_forward_with_each_cuda_tile(cfg, splits, dtype, tma, monkeypatch):
     """The three-context forward and its CEPO epilogue, and one context with entropy at
-    T 0.7, for each autotuned tile (GROUP_M 8 as on CUDA: more than the row blocks)."""
+    T 0.7, for each autotuned tile (GROUP_M 8 as on CUDA: more than the row blocks), with
+    pointer loads and with tensor descriptors (Hopper's TMA path: zero-filled edges, a
+    block's rows past N read from the next context)."""
     m, v, d = cfg[:3]
     monkeypatch.setattr(triton_ops, "INTERPRETER_CONFIG",
                         dict(BLOCK_M=m, BLOCK_V=v, BLOCK_D=d, GROUP_M=8))
     monkeypatch.setattr(triton_ops, "FORCE_NUM_SPLITS", splits)
+    monkeypatch.setattr(triton_ops, "FORCE_TMA", tma)
+    made = []
+    real = triton_ops._descriptors
+    monkeypatch.setattr(triton_ops, "_descriptors", lambda *a: made.append(a) or real(*a))
     vocab = 517
     hs = [head_inputs(N, H, vocab, dtype, "cpu", seed=i, scale=2.0, ignore=(0, 130))[0]
           for i in range(3)]
@@ -61,6 +68,7 @@ def test_forward_with_each_cuda_tile(cfg, splits, dtype, monkeypatch):
     want = reference.fused_logprobs(hs[0], weight, targets, temperature=0.7, return_entropy=True)
     for got, expected in zip(one, want):
         assert rel_err(got, expected) <= TOL[dtype]
+    assert len(made) == (2 if tma else 0)  # both launches took the path under test
 
 
 @pytest.mark.parametrize("vocab", [517, 1100])
@@ -103,3 +111,47 @@ def test_backward_with_cuda_row_block(vocab, dtype, cuda_row_block):
         assert rel_err(loss_t, loss_r) <= TOL[dtype], kind
         for got, want in zip(grads(loss_t, hidden, weight), grads(loss_r, hidden, weight)):
             assert rel_err(got, want) <= GRAD_TOL[dtype], kind
+
+
+def test_tma_decision(monkeypatch):
+    """Tensor descriptors only where TMA exists and the layout allows it: compute
+    capability 9+, bf16 / fp16, 16-byte aligned base and rows; CEPO_KERNELS_TMA=0 and
+    FORCE_TMA override (the layout rule still holds when forced)."""
+    bf16 = torch.empty(64, 96, dtype=torch.bfloat16)
+    w = torch.empty(300, 96, dtype=torch.bfloat16)
+    assert triton_ops.tma_compatible(bf16, w)
+    assert not triton_ops.tma_compatible(torch.empty(64, 100, dtype=torch.bfloat16))  # 200-byte rows
+    assert not triton_ops.tma_compatible(bf16[:, 1:])  # base 2 bytes off
+    assert not triton_ops.tma_compatible(bf16.T)  # last dimension strided
+    cuda0 = torch.device("cuda", 0)
+    assert not triton_ops.use_tma(torch.device("cpu"), bf16, w)  # interpreter: off unless forced
+    monkeypatch.setattr(triton_ops, "_compiled", lambda device: True)
+    monkeypatch.setattr(triton_ops, "_capability", lambda index: (9, 0))
+    assert triton_ops.use_tma(cuda0, bf16, w)
+    assert not triton_ops.use_tma(cuda0, bf16.float(), w.float())  # fp32 keeps pointer loads
+    assert not triton_ops.use_tma(cuda0, bf16[:, 1:], w)
+    monkeypatch.setenv("CEPO_KERNELS_TMA", "0")
+    assert not triton_ops.use_tma(cuda0, bf16, w)
+    monkeypatch.delenv("CEPO_KERNELS_TMA")
+    monkeypatch.setattr(triton_ops, "_capability", lambda index: (8, 0))  # Ampere: no TMA
+    assert not triton_ops.use_tma(cuda0, bf16, w)
+    monkeypatch.setattr(triton_ops, "FORCE_TMA", True)
+    assert triton_ops.use_tma(cuda0, bf16, w)
+    assert not triton_ops.use_tma(cuda0, torch.empty(64, 100, dtype=torch.bfloat16), w)
+    monkeypatch.setattr(triton_ops, "FORCE_TMA", False)
+    monkeypatch.setattr(triton_ops, "_capability", lambda index: (9, 0))
+    assert not triton_ops.use_tma(cuda0, bf16, w)
+
+
+def test_tma_forced_on_unaligned_rows_falls_back(monkeypatch):
+    """H 100 in bf16 (200-byte rows) cannot back a descriptor: forced TMA falls back to
+    pointer loads and the result still matches float64."""
+    monkeypatch.setattr(triton_ops, "FORCE_TMA", True)
+    made = []
+    real = triton_ops._descriptors
+    monkeypatch.setattr(triton_ops, "_descriptors", lambda *a: made.append(a) or real(*a))
+    hidden, weight, targets = head_inputs(45, 100, 203, torch.bfloat16, "cpu", scale=2.0, ignore=(4,))
+    out = ck.fused_logprobs(hidden, weight, targets, backend="triton")
+    ref = reference.fused_logprobs(hidden, weight, targets)
+    assert not made
+    assert rel_err(out.logprobs, ref.logprobs) <= TOL[torch.bfloat16]

@@ -15,13 +15,16 @@ Sections (each recorded even when another fails):
    forced split counts 1, 3 and 7, ignored targets, temperature 0.7, entropy, fp32 /
    bf16 / fp16 inputs and gradients, the PPO loss (also with dual clip and token weights),
    the self-distillation loss (JSD, forward and reverse KL, token weights) and the evidence
-   epilogue; the 16-bit forward with TMA forced off too (on by default on Hopper); and one head
+   epilogue; the 16-bit forward with TMA forced off too (on by default on Hopper), the
+   log-prob and PPO gradients with the chunk logits from our GEMM too; and one head
    with V x H > 2^31 elements (int64 offsets), checked against fp32 row chunks.
 3. timing at the target shapes (bf16, N 16k per context, H 2048, V 151,936): ours, the
    bare products, naive, Cut Cross-Entropy and Liger, through the benchmark harness
    (bench/test_kernels.run_point: checked against ours first, then
-   triton.testing.do_bench medians and peak memory); then the three-context forward with
-   its default loads against pointer loads (TMA off).
+   triton.testing.do_bench medians and peak memory); then the engine choices only a GPU
+   can settle (``VARIANTS``): the three-context forward with its default loads against
+   pointer loads (TMA off), and the PPO loss with its gradient chunks' logits from the
+   library GEMM against our forward kernel (``triton_ops.LOGITS_GEMM``).
 4. sampler: the Hugging Face engine's lean decoding steps (cepo/sampler/lean_decoder.py)
    on this device: their logits against the model's forward at every step (random
    Qwen3-0.6B shape, 2 layers, fp32 and bf16, rows dropped mid-way), then one generate
@@ -220,6 +223,9 @@ def correctness_cases(dry_run: bool) -> list[dict]:
         if dt != "fp32":  # Hopper's default is TMA for 16-bit tiles: the pointer loads too
             cases.append(dict(op="logprobs", dtype=dt, splits=3, tma=False))
             cases.append(dict(op="evidence", dtype=dt, splits=3, tma=False))
+        # the gradient chunks' logits from our forward kernel (STORE_Z) instead of the library
+        cases.append(dict(op="logprobs", dtype=dt, splits=None, logits_gemm="triton"))
+        cases.append(dict(op="ppo_loss", dtype=dt, splits=None, logits_gemm="triton"))
     return cases
 
 
@@ -231,6 +237,8 @@ def _one_case(case, device, backend, shape):
     hidden, weight, targets, old, adv, mask = _inputs(n, h, v, dtype, device, seed=n + v)
     triton_ops.FORCE_NUM_SPLITS = case["splits"]
     triton_ops.FORCE_TMA = case.get("tma")
+    saved_gemm = triton_ops.LOGITS_GEMM
+    triton_ops.LOGITS_GEMM = case.get("logits_gemm", saved_gemm)
     saved_chunk = triton_ops.GPU_CHUNK_BYTES
     triton_ops.GPU_CHUNK_BYTES = 6 * v * 64  # chunks of 64 rows: dW accumulates over 6 chunks
     try:
@@ -288,10 +296,15 @@ def _one_case(case, device, backend, shape):
     finally:
         triton_ops.FORCE_NUM_SPLITS = None
         triton_ops.FORCE_TMA = None
+        triton_ops.LOGITS_GEMM = saved_gemm
         triton_ops.GPU_CHUNK_BYTES = saved_chunk
     tol = (DISTILL_TOL if case["op"] == "self_distill" else TOL)[case["dtype"]]
     worst = max(errs.values())
-    label = backend if case.get("tma") is not False or backend != "triton" else "triton, TMA off"
+    label = backend
+    if backend == "triton" and case.get("tma") is False:
+        label = "triton, TMA off"
+    if backend == "triton" and "logits_gemm" in case:
+        label = f"triton, chunk logits: {case['logits_gemm']}"
     return dict(case, backend=label, errors=errs, worst=worst, tol=tol,
                 status="ok" if worst <= tol else "FAIL")
 
@@ -328,8 +341,9 @@ def correctness_section(device, dry_run, big_head) -> list[dict]:
     rows = []
     for be in backends:
         for case in correctness_cases(dry_run):
-            if be == "torch" and (case["splits"] not in (None, 1) or "tma" in case):
-                continue  # split counts and tile loads are Triton notions
+            if be == "torch" and (case["splits"] not in (None, 1) or "tma" in case
+                                  or "logits_gemm" in case):
+                continue  # split counts, tile loads and the logits GEMM are Triton notions
             try:
                 rows.append(_one_case(case, device, be, shape))
             except Exception as e:  # noqa: BLE001 - recorded
@@ -357,38 +371,52 @@ def timing_section(device, shape, ops, budget_s, skip=()) -> list[dict]:
         rows = _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point)
     finally:
         C.CONTENDERS.update(saved)
-    if "evidence" in ops:
-        rows.extend(tma_timing(device, shape))
+    for op in ("evidence", "ppo_loss"):
+        if op in ops:
+            rows.extend(variant_timing(device, shape, op))
     return rows
 
 
-def tma_timing(device, shape) -> list[dict]:
-    """The three-context forward (evidence) at the timing shape with its default tile
-    loads (TMA on Hopper) and with pointer loads: (two rows, the second with its ratio)."""
+VARIANTS = {  # op -> (label, triton_ops setting, value); the first is the default
+    "evidence": (("ours, default loads", "FORCE_TMA", None),
+                 ("ours, pointer loads (TMA off)", "FORCE_TMA", False)),
+    "ppo_loss": (("ours, chunk logits: library GEMM", "LOGITS_GEMM", "library"),
+                 ("ours, chunk logits: our GEMM (STORE_Z)", "LOGITS_GEMM", "triton")),
+}
+"""Engine choices that only a GPU can settle, timed against each other at the timing shape
+(bf16): the forward's tile loads, and where the gradient chunks' logits come from."""
+
+
+def variant_timing(device, shape, op) -> list[dict]:
+    """``op`` (evidence | ppo_loss, bf16) under each of its VARIANTS; every row after the
+    first notes its ratio to the first."""
     if device.type != "cuda":
-        return [dict(op="evidence", contender="ours, TMA vs pointer loads", status="skipped",
+        return [dict(op=op, contender="ours, engine variants", status="skipped",
                      note="no CUDA (dry run)")]
     import triton.testing
     from bench import contenders as C
     from cepo_kernels import triton_ops
-    pt = C.Point("evidence", shape["N"], shape["V"], shape["H"], "bf16",
-                 seq_len=min(shape["N"], 1024))
-    run = C.ours_evidence(C.make_inputs(pt, str(device)))
+    pt = C.Point(op, shape["N"], shape["V"], shape["H"], "bf16", seq_len=min(shape["N"], 1024))
+    run = getattr(C, f"ours_{op}")(C.make_inputs(pt, str(device)))
     rows = []
-    try:
-        for label, force in (("ours, default loads", None), ("ours, pointer loads (TMA off)", False)):
-            triton_ops.FORCE_TMA = force
+    for label, name, value in VARIANTS[op]:
+        saved = getattr(triton_ops, name)
+        setattr(triton_ops, name, value)
+        try:
             run()  # compile and autotune this variant outside the timing
-            ms = triton.testing.do_bench(run, warmup=50, rep=300)
-            rows.append(dict(op="evidence", contender=label, time_ms=ms, status="ok",
-                             note=f"TMA used: {_tma_used(device, shape, force)}"))
-        rows[1]["x_floor"] = None
-        rows[1]["note"] += f"; {rows[1]['time_ms'] / rows[0]['time_ms']:.3f}x the default"
-    except Exception as e:  # noqa: BLE001 - recorded
-        rows.append(dict(op="evidence", contender="ours, TMA vs pointer loads", status="error",
-                         note=f"{type(e).__name__}: {str(e)[:300]}"))
-    finally:
-        triton_ops.FORCE_TMA = None
+            ms = triton.testing.do_bench(run, warmup=25, rep=250)
+            row = dict(op=op, contender=label, time_ms=ms, status="ok")
+            if name == "FORCE_TMA":
+                row["note"] = f"TMA used: {_tma_used(device, shape, value)}"
+            if rows and rows[0].get("time_ms"):
+                row["note"] = (row.get("note", "") + f"; {ms / rows[0]['time_ms']:.3f}x "
+                               "the first").lstrip("; ")
+            rows.append(row)
+        except Exception as e:  # noqa: BLE001 - recorded
+            rows.append(dict(op=op, contender=label, status="error",
+                             note=f"{type(e).__name__}: {str(e)[:300]}"))
+        finally:
+            setattr(triton_ops, name, saved)
     return rows
 
 

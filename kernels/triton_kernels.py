@@ -130,11 +130,11 @@ def stacked_fwd_kernel(
     h_ptr, stride_hk, stride_h, w_ptr, stride_w, h_desc, w_desc, y_ptr,
     part_ptr, ticket_ptr,
     lp_ptr, lse_ptr, ent_ptr,
-    adv_ptr, has_neg_ptr, delta_ptr, tok_adv_ptr, clipped_ptr,
+    adv_ptr, has_neg_ptr, delta_ptr, tok_adv_ptr, clipped_ptr, z_ptr, stride_z,
     N, V, D, inv_temp, lam, eps_w, num_splits, vocab_per_split,
     K: tl.constexpr, WITH_ENTROPY: tl.constexpr, EPILOGUE: tl.constexpr, DIRECT: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, STORE_Z: tl.constexpr = False,
 ):
     """Log-probs of targets y [N] under K <= 4 contexts h [K, N, H] sharing one LM head.
 
@@ -146,6 +146,8 @@ def stacked_fwd_kernel(
     over W [V, H] with blocks [BLOCK_V, BLOCK_D]; out-of-bounds elements read as zero. A
     block's rows past N read the next context's rows: they are masked like padding rows
     (never stored), and each output row of the dot depends on its own input row only.
+    STORE_Z (K = 1): also write each logits tile, untempered, into z [N, V] (fp32: the
+    gradient chunk of the PPO loss and of the log-prob backward, ``LOGITS_GEMM='triton'``).
     """
     pid = tl.program_id(0)
     N_PAD = tl.cdiv(N, BLOCK_M) * BLOCK_M
@@ -191,6 +193,9 @@ def stacked_fwd_kernel(
                 x = x.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(x, wt, acc, input_precision="ieee")
+        if STORE_Z:
+            tl.store(z_ptr + toks.to(tl.int64)[:, None] * stride_z + cols[None, :],
+                     acc.to(z_ptr.dtype.element_ty), mask=tok_ok[:, None] & col_ok[None, :])
         m, s, t, zt = _online_update(acc * inv_temp, cols, col_ok, y, m, s, t, zt, WITH_ENTROPY)
 
     if DIRECT:

@@ -160,10 +160,12 @@ def num_splits(device: torch.device, row_blocks: int, vocab: int, block_v: int) 
     return max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(target, max(1, row_blocks))))
 
 
-def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=None):
+def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=None, z_out=None):
     """One launch for K = len(hiddens) <= 4 contexts. y_raw keeps -100 for ignored rows.
 
     epilogue: None, or (advantages [N], has_negative [N] bool, lam, eps_w) for K = 3.
+    z_out: None, or a row-major [N, V] buffer (K = 1) that receives the untempered logits
+    in its dtype (``fused_logits``).
     Returns (lp [K, N], lse [K, N], entropy [K, N] | None, (delta, token_adv, clipped) | None).
     """
     k = len(hiddens)
@@ -201,6 +203,9 @@ def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=
         adv = has_neg = delta = tok_adv = clipped = lp
         lam = eps_w = 0.0
 
+    if z_out is not None and (k != 1 or z_out.shape != (n, vocab) or z_out.stride(1) != 1):
+        raise ValueError("cepo_kernels: z_out must be a row-major [N, V] buffer, one context")
+
     def grid(m):
         return (k * triton.cdiv(n, m["BLOCK_M"]) * splits,)
 
@@ -208,9 +213,10 @@ def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=
         h, h.stride(0), h.stride(1), weight, weight.stride(0), h_desc, w_desc, y_raw.contiguous(),
         part, ticket,
         lp, lse, ent, adv, has_neg, delta, tok_adv, clipped,
+        lp if z_out is None else z_out, 0 if z_out is None else z_out.stride(0),
         n, vocab, d, 1.0 / temperature, float(lam), float(eps_w), splits, vocab_per_split,
         K=k, WITH_ENTROPY=with_entropy, EPILOGUE=epilogue is not None, DIRECT=direct,
-        UPCAST=_upcast(weight.dtype), USE_TMA=tma, **meta)
+        UPCAST=_upcast(weight.dtype), USE_TMA=tma, STORE_Z=z_out is not None, **meta)
     extra = (delta, tok_adv, clipped.view(torch.bool)) if epilogue is not None else None
     return lp, lse, (ent if with_entropy else None), extra
 
@@ -227,10 +233,41 @@ def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
 
 # --------------------------------------------------------------------------- three products
 
+LOGITS_GEMM = os.environ.get("CEPO_KERNELS_LOGITS_GEMM", "library")
+"""Where the gradient paths (the PPO loss, the log-prob backward) get each fp32 logits
+chunk: 'library' (default): the library GEMM (cuBLAS) with fp32 output, then
+``row_stats_kernel`` reduces it; 'triton': ``stacked_fwd_kernel`` with STORE_Z writes the
+chunk and returns its log-prob, logsumexp and entropy from the same fp32 accumulator (no
+statistics pass: one read of the chunk less, our GEMM instead of the library's).
+bench/gpu_check.py checks and times both. The chunk stays fp32 either way: keeping it in
+bf16 (2 bytes a logit instead of 4 + 2) put the gradients 1.5-4.7% from float64 at
+|z| ~ 10-20, T 0.7, against 0.4% (p = exp(z / T - lse) inherits |z| / T 2^-9 of rounding)."""
+
+
+def fused_logits() -> bool:
+    if LOGITS_GEMM not in ("triton", "library"):
+        raise ValueError(f"cepo_kernels: LOGITS_GEMM (CEPO_KERNELS_LOGITS_GEMM) must be 'triton' or "
+                         f"'library', got {LOGITS_GEMM!r}")
+    return LOGITS_GEMM == "triton"
+
+
 def _chunk_rows(n: int, vocab: int, device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(n, GPU_CHUNK_BYTES // (6 * max(1, vocab))))
     return chunked.rows_per_chunk(n, vocab)
+
+
+def _chunk_stats(head, r0, r1, y_raw, temperature, with_entropy, fused):
+    """One gradient chunk's fp32 logits and their statistics: (z [r, V], lp, lse,
+    entropy | None), from the forward kernel (fused: statistics from its accumulator) or
+    from the library GEMM and ``row_stats_kernel``."""
+    if fused:
+        z = torch.empty(r1 - r0, head.w.shape[0], dtype=torch.float32, device=head.w.device)
+        lp, lse, ent, _ = _launch_forward([head.h[r0:r1]], head.w, y_raw[r0:r1], temperature,
+                                          with_entropy, z_out=z)
+        return z, lp[0], lse[0], None if ent is None else ent[0]
+    z = _logits_chunk(head.h[r0:r1], head.w)
+    return (z, *_row_stats(z, y_raw[r0:r1], temperature, with_entropy))
 
 
 def _logits_chunk(h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -263,9 +300,9 @@ def _row_stats(z, y_raw, temperature, with_entropy):
 
 
 def _dz(z, y, lse, a, b, c, temperature, scale, dtype):
-    """dz [rows, V] in dtype (in place in z when dtype is fp32); a, b, c carry 1/T."""
+    """dz [rows, V] in dtype (in place in z when z has that dtype); a, b, c carry 1/T."""
     r, vocab = z.shape
-    dz = z if dtype == torch.float32 else torch.empty(r, vocab, dtype=dtype, device=z.device)
+    dz = z if z.dtype == dtype else torch.empty(r, vocab, dtype=dtype, device=z.device)
     cfg = _row_cfg(z.device)
     grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
     dz_kernel[grid](z, z.stride(0), dz, dz.stride(0), y, lse, a, b, a if c is None else c,
@@ -294,11 +331,11 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
     ent = torch.zeros(n, **f32) if with_entropy else None
     dh, dw32 = chunked._grad_buffers(hidden, weight, head, need_h, need_w)
     y_raw = torch.where(valid, y, torch.full_like(y, -100))
+    fused = fused_logits()
     rows = _chunk_rows(n, vocab, dev)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        z = _logits_chunk(head.h[r0:r1], head.w)
-        lp_c, lse_c, ent_c = _row_stats(z, y_raw[r0:r1], temperature, with_entropy)
+        z, lp_c, lse_c, ent_c = _chunk_stats(head, r0, r1, y_raw, temperature, with_entropy, fused)
         lp[r0:r1], lse[r0:r1] = lp_c, lse_c
         if with_entropy:
             ent[r0:r1] = ent_c
@@ -326,15 +363,15 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     a = (a * inv_temp).float().contiguous()
     b = (b * inv_temp).float().contiguous()
     c = None if c is None else (c * inv_temp).float().contiguous()
+    fused = fused_logits()
     rows = _chunk_rows(n, vocab, dev)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         cc = None if c is None else c[r0:r1]
         scale = chunked.grad_scale(a[r0:r1], b[r0:r1], cc, head.dtype)
-        z = _logits_chunk(head.h[r0:r1], head.w)
         # the logsumexp of THESE logits (not the forward's, from another GEMM's rounding):
         # p then sums to 1 exactly, which matters where |z| ~ 1e4
-        _, lse_c, _ = _row_stats(z, y[r0:r1], temperature, False)
+        z, _, lse_c, _ = _chunk_stats(head, r0, r1, y, temperature, False, fused)
         dz = _dz(z, y[r0:r1], lse_c, a[r0:r1], b[r0:r1], cc, temperature, scale, head.dtype)
         del z
         _products(dz, head, r0, r1, scale, dh, dw32)

@@ -83,9 +83,12 @@ def test_dry_run_end_to_end(gpu_check, tmp_path):
                                        "self_distill"}
     assert {r["divergence"] for r in corr if r["op"] == "self_distill"} == {
         "jsd", "forward_kl", "reverse_kl"}
-    if any(r["backend"] == "triton" for r in corr):  # the interpreter: pointer loads forced too
+    if any(r["backend"] == "triton" for r in corr):  # the interpreter: the variants too
         assert {(r["op"], r["dtype"]) for r in corr if r["backend"] == "triton, TMA off"} == {
             ("logprobs", "bf16"), ("evidence", "bf16")}
+        assert {(r["op"], r["dtype"]) for r in corr
+                if r["backend"] == "triton, chunk logits: triton"} == {
+            ("logprobs", "bf16"), ("logprobs", "fp32"), ("ppo_loss", "bf16"), ("ppo_loss", "fp32")}
     sampler = report["sampler"]
     assert [r["status"] for r in sampler] == ["ok"] * 4, sampler
     assert sampler[0]["worst"] <= 1e-5 and sampler[2]["same_tokens"] and sampler[2]["seconds"] > 0
@@ -93,5 +96,6 @@ def test_dry_run_end_to_end(gpu_check, tmp_path):
     assert timed[("ppo_loss", "ours")]["status"] == "ok" and timed[("ppo_loss", "ours")]["time_ms"] > 0
     assert timed[("evidence", "floor")]["status"] == "ok"
     assert ("ppo_loss", "torch.compile") not in timed
-    assert timed[("evidence", "ours, TMA vs pointer loads")]["status"] == "skipped"
+    assert timed[("evidence", "ours, engine variants")]["status"] == "skipped"
+    assert timed[("ppo_loss", "ours, engine variants")]["status"] == "skipped"
     assert "## Timing" in open(tmp_path / "gpu_check.md").read()

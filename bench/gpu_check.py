@@ -136,6 +136,22 @@ def _kernel_facts(compiled) -> dict:
                 ptx_lines=ptx.count("\n"))
 
 
+FORWARD_VARIANTS = ((1, False, False, False), (3, True, False, False), (3, True, True, False),
+                    (1, False, False, True))
+"""(contexts, CEPO epilogue, TMA loads, STORE_Z) of the forward kernel compiled in section 1."""
+
+
+def forward_warmup_args(hid, w, y, vec, i32, i8, n, v, h, descs, z, k, epi, tma):
+    """The positional arguments and the variant's constexprs of ``stacked_fwd_kernel``
+    for a compile-only warmup (dummy buffers; tests bind them to the kernel's signature)."""
+    args = (hid, h * n, h, w, h, *descs, y, vec, i32, vec, vec, vec, vec, i8, vec, vec, i8,
+            vec if z is None else z, 0 if z is None else v,
+            n, v, h, 1.0, 0.5, 0.2, 4, 1024)
+    meta = dict(K=k, WITH_ENTROPY=False, EPILOGUE=epi, DIRECT=not epi, UPCAST=False,
+                USE_TMA=tma, STORE_Z=z is not None)
+    return args, meta
+
+
 def compile_section(device, shape) -> list[dict]:
     """Compile each kernel variant at the target shapes (no launch) and record its facts."""
     if device.type != "cuda":
@@ -152,19 +168,20 @@ def compile_section(device, shape) -> list[dict]:
     vec = torch.empty(16, **f32)
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     i8 = torch.zeros(16, dtype=torch.int8, device=device)
-    for k, epi, tma in ((1, False, False), (3, True, False), (3, True, True)):
+    z = torch.empty(16, v, **f32)
+    for k, epi, tma, store_z in FORWARD_VARIANTS:
         for bm, bv, bd, warps, stages in triton_ops.CUDA_CONFIGS:
-            name = (f"stacked_fwd K={k}{' +epilogue' if epi else ''}{' TMA' if tma else ''} "
-                    f"BLOCK {bm}x{bv}x{bd} w{warps} s{stages}")
+            name = (f"stacked_fwd K={k}{' +epilogue' if epi else ''}{' TMA' if tma else ''}"
+                    f"{' STORE_Z' if store_z else ''} BLOCK {bm}x{bv}x{bd} w{warps} s{stages}")
             try:
-                descs = (triton_ops._descriptors(hid.view(-1, h), w, dict(BLOCK_M=bm, BLOCK_V=bv,
-                                                                         BLOCK_D=bd))
+                descs = (triton_ops._descriptors(hid[:k].reshape(-1, h), w,
+                                                 dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd))
                          if tma else (None, None))
+                args, meta = forward_warmup_args(hid, w, y, vec, i32, i8, n, v, h, descs,
+                                                 z if store_z else None, k, epi, tma)
                 c = tk.stacked_fwd_kernel.warmup(
-                    hid, h * n, h, w, h, *descs, y, vec, i32, vec, vec, vec, vec, i8, vec, vec, i8,
-                    n, v, h, 1.0, 0.5, 0.2, 4, 1024, grid=(1,), K=k, WITH_ENTROPY=False,
-                    EPILOGUE=epi, DIRECT=not epi, UPCAST=False, BLOCK_M=bm, BLOCK_V=bv,
-                    BLOCK_D=bd, GROUP_M=8, USE_TMA=tma, num_warps=warps, num_stages=stages)
+                    *args, grid=(1,), **meta, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, GROUP_M=8,
+                    num_warps=warps, num_stages=stages)
                 rows.append(dict(kernel=name, status="ok", **_kernel_facts(c)))
             except Exception as e:  # noqa: BLE001 - recorded
                 rows.append(dict(kernel=name, status="error", note=f"{type(e).__name__}: {str(e)[:300]}"))

@@ -99,3 +99,24 @@ def test_dry_run_end_to_end(gpu_check, tmp_path):
     assert timed[("evidence", "ours, engine variants")]["status"] == "skipped"
     assert timed[("ppo_loss", "ours, engine variants")]["status"] == "skipped"
     assert "## Timing" in open(tmp_path / "gpu_check.md").read()
+
+
+def test_forward_warmup_args_bind_to_the_kernel(gpu_check):
+    """Section 1 compiles the forward with hand-built arguments (no GPU here to try them):
+    they must bind to the kernel's signature, every variant, each buffer in its place."""
+    import inspect
+    from cepo_kernels import triton_kernels as tk
+    sig = inspect.signature(getattr(tk.stacked_fwd_kernel, "fn", tk.stacked_fwd_kernel))
+    blocks = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8)
+    hid, w, y = torch.empty(3, 16, 32), torch.empty(16, 32), torch.zeros(16, dtype=torch.int64)
+    vec, z = torch.empty(16), torch.empty(16, 512)
+    i32, i8 = torch.zeros(16, dtype=torch.int32), torch.zeros(16, dtype=torch.int8)
+    for k, epi, tma, store_z in gpu_check.FORWARD_VARIANTS:
+        descs = ("h_desc", "w_desc") if tma else (None, None)
+        args, meta = gpu_check.forward_warmup_args(hid, w, y, vec, i32, i8, 16384, 512, 32, descs,
+                                                   z if store_z else None, k, epi, tma)
+        bound = sig.bind(*args, **meta, **blocks).arguments  # TypeError if the count is off
+        assert bound["y_ptr"] is y and bound["ticket_ptr"] is i32 and bound["clipped_ptr"] is i8
+        assert bound["h_desc"] == descs[0] and bound["N"] == 16384 and bound["V"] == 512
+        assert bound["vocab_per_split"] == 1024 and bound["STORE_Z"] == store_z
+        assert (bound["z_ptr"] is z) == store_z

@@ -261,12 +261,8 @@ def _chunk_stats(s, h_c, head, y_c, valid_c, inv_temp, with_entropy):
     logit is computed in fp32 from h and W, O(r H): a rounded logit would enter the
     log-prob directly).
     """
-    acc = head.acc
-    z, u = _chunk_logits(s, h_c, head, inv_temp)
-    if z.dtype != acc:
-        z_target = _target_logits(h_c, head.w, y_c, acc) * inv_temp
-    else:
-        z_target = u.gather(1, y_c[:, None])[:, 0]
+    _, u = _chunk_logits(s, h_c, head, inv_temp)
+    u_y = u.gather(1, y_c[:, None])[:, 0]  # before the softmax, which may overwrite u
     u_max = u.amax(dim=1)  # amax: 10x faster than max(dim) on CPU
     p = s.p[:u.shape[0]]
     _softmax_into(u, p)
@@ -275,8 +271,16 @@ def _chunk_stats(s, h_c, head, y_c, valid_c, inv_temp, with_entropy):
     if with_entropy:  # -sum p log p, every term <= 0 (no cancellation against lse)
         u.sub_(lse[:, None])
         ent = -torch.linalg.vecdot(p, u)
-    lp = torch.where(valid_c, z_target - lse, torch.zeros_like(lse))
-    return p, lp, lse, ent
+    return p, _target_log_probs(u_y - lse, lse, h_c, head, y_c, valid_c, inv_temp), lse, ent
+
+
+def _target_log_probs(lp, lse, h_c, head, y_c, valid_c, inv_temp):
+    """The chunk's log-probs of its targets [r], 0 where not valid: ``lp`` as the chunk's
+    logits give them, except for low-precision logits, whose target logit is recomputed
+    exactly in fp32 (h . W_y, O(r H)): a rounded logit would enter the log-prob directly."""
+    if head.dtype != head.acc:
+        lp = _target_logits(h_c, head.w, y_c, head.acc) * inv_temp - lse
+    return torch.where(valid_c, lp, torch.zeros_like(lse))
 
 
 def _chunk_log_probs(s, h_c, head, y_c, valid_c, inv_temp):
@@ -285,18 +289,14 @@ def _chunk_log_probs(s, h_c, head, y_c, valid_c, inv_temp):
     The forward without entropy needs no probabilities: one in-place log-softmax (a read
     and a write of the chunk) gives log p_y, where ``_chunk_stats`` reads the chunk twice
     more for its two maxima. lse = u_y - log p_y (u_y the tempered logit read before the
-    pass); for low-precision logits the target logit is the exact fp32 h . W_y, as there.
+    pass); the target's log-prob through ``_target_log_probs``, as there.
     """
-    acc = head.acc
-    z, u = _chunk_logits(s, h_c, head, inv_temp)
+    _, u = _chunk_logits(s, h_c, head, inv_temp)
     u_y = u.gather(1, y_c[:, None])[:, 0]
     torch.ops.aten._log_softmax.out(u, 1, False, out=u)
     log_p_y = u.gather(1, y_c[:, None])[:, 0]
     lse = u_y - log_p_y
-    if z.dtype != acc:
-        log_p_y = _target_logits(h_c, head.w, y_c, acc) * inv_temp - lse
-    lp = torch.where(valid_c, log_p_y, torch.zeros_like(lse))
-    return lp, lse
+    return _target_log_probs(log_p_y, lse, h_c, head, y_c, valid_c, inv_temp), lse
 
 
 def head_forward(hiddens, weight, y, valid, temperature, with_entropy):

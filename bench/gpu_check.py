@@ -435,7 +435,7 @@ def variant_timing(device, shape, op) -> list[dict]:
             ms = triton.testing.do_bench(run, warmup=25, rep=250)
             row = dict(op=op, contender=label, time_ms=ms, status="ok")
             if name == "FORCE_TMA":
-                row["note"] = f"TMA used: {_tma_used(device, shape, value)}"
+                row["note"] = f"TMA used: {_tma_used(device, shape)}"
             if rows and rows[0].get("time_ms"):
                 row["note"] = (row.get("note", "") + f"; {ms / rows[0]['time_ms']:.3f}x "
                                "the first").lstrip("; ")
@@ -448,15 +448,12 @@ def variant_timing(device, shape, op) -> list[dict]:
     return rows
 
 
-def _tma_used(device, shape, force) -> bool:
+def _tma_used(device, shape) -> bool:
+    """Whether the forward takes TMA loads for bf16 rows of the timing shape's H, under
+    the settings in force (``variant_timing`` sets them)."""
     from cepo_kernels import triton_ops
-    saved = triton_ops.FORCE_TMA
-    triton_ops.FORCE_TMA = force
-    try:
-        probe = torch.empty(16, shape["H"], dtype=torch.bfloat16, device=device)
-        return triton_ops.use_tma(device, probe, probe)
-    finally:
-        triton_ops.FORCE_TMA = saved
+    probe = torch.empty(16, shape["H"], dtype=torch.bfloat16, device=device)
+    return triton_ops.use_tma(device, probe, probe)
 
 
 def _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point) -> list[dict]:

@@ -48,6 +48,41 @@ def test_matches_reference(engine, device, dtype, n, h, v, kl):
         assert rel_err(got, want) <= GRAD_TOL[dtype]
 
 
+@pytest.mark.parametrize("engine,device", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["no-ent", "ent"])
+@pytest.mark.parametrize("how", ["no_grad", "leaf"])
+def test_forward_only_matches_gradient_path(engine, device, dtype, entropy, how):
+    """A call that needs no gradient (no_grad, or inputs that do not require it) takes the
+    engine's forward-only path: the same loss, stats and log-probs as the call that also
+    forms the gradient, and the reference's."""
+    hidden, weight, targets, old, adv, mask = ppo_inputs(41, 24, 131, dtype, device, seed=5)
+    kw = dict(clip_low=0.2, clip_high=0.28, temperature=0.9, return_entropy=entropy,
+              ref_logprobs=old.flip(0), kl_coef=0.05)
+    loss, stats = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                           backend=engine, **kw)
+    if how == "no_grad":
+        with torch.no_grad():
+            loss_f, stats_f = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                                       backend=engine, **kw)
+    else:
+        loss_f, stats_f = ck.fused_linear_ppo_loss(hidden.detach(), weight.detach(), targets, old,
+                                                   adv, mask, backend=engine, **kw)
+        assert not loss_f.requires_grad
+    ref_loss, ref_stats = reference.fused_linear_ppo_loss(hidden, weight, targets, old, adv,
+                                                          mask, **kw)
+    assert rel_err(loss_f, ref_loss) <= TOL[dtype]
+    torch.testing.assert_close(loss_f, loss.detach(), rtol=1e-6, atol=1e-7)
+    for name in ref_stats._fields:
+        got, same = getattr(stats_f, name), getattr(stats, name)
+        if same is None:
+            assert got is None and name == "entropy" and not entropy
+            continue
+        torch.testing.assert_close(got, same.detach(), rtol=1e-6, atol=1e-7, msg=name)
+        tol = GRAD_TOL[dtype] if name == "approx_kl" else TOL[dtype]
+        assert rel_err(got, getattr(ref_stats, name)) <= tol, name
+
+
 def test_clip_fractions_are_exercised():
     """The inputs above really do hit both clip bounds (else the test would prove little)."""
     hidden, weight, targets, old, adv, mask = ppo_inputs(41, 24, 131, torch.float32, "cpu", seed=41)

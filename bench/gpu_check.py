@@ -24,7 +24,9 @@ Sections (each recorded even when another fails):
    triton.testing.do_bench medians and peak memory); then the engine choices only a GPU
    can settle (``VARIANTS``): the three-context forward with its default loads against
    pointer loads (TMA off), and the PPO loss with its gradient chunks' logits from the
-   library GEMM against our forward kernel (``triton_ops.LOGITS_GEMM``).
+   library GEMM against our forward kernel (``triton_ops.LOGITS_GEMM``) and against the
+   memory-lean gradient path (``chunked.DW_ACCUMULATION = 'weight'``, 512 MiB chunks),
+   each with its time and peak extra memory.
 4. sampler: the Hugging Face engine's lean decoding steps (cepo/sampler/lean_decoder.py)
    on this device: their logits against the model's forward at every step (random
    Qwen3-0.6B shape, 2 layers, fp32 and bf16, rows dropped mid-way), then one generate
@@ -40,6 +42,7 @@ model), so the logic is tested without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -81,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timing shape N,H,V (default: 16384,2048,151936; tiny in a dry run)")
     p.add_argument("--skip", default="",
                    help="contenders left out of the timing (comma-separated, e.g. torch.compile)")
-    p.add_argument("--budget-s", type=float, default=330.0,
+    p.add_argument("--budget-s", type=float, default=320.0,
                    help="stop starting new timing points after this many seconds in total")
     p.add_argument("--big-head", default="262144,8200",
                    help="V,H of the V x H > 2^31 case (0 to skip)")
@@ -399,43 +402,67 @@ def timing_section(device, shape, ops, budget_s, skip=()) -> list[dict]:
     return rows
 
 
-VARIANT_SECONDS = 30.0
-"""About what the engine variants take at the target shape (two ops, two settings each,
-a compile and a quarter-second do_bench per setting): the timing budget covers them, so
-they still run when the contenders used the whole budget, but not beyond it."""
+VARIANT_SECONDS = 40.0
+"""About what the engine variants take at the target shape (two ops, five settings in all,
+a compile, a peak-memory call and a quarter-second do_bench per setting): the timing
+budget covers them, so they still run when the contenders used the whole budget, but not
+beyond it."""
 
 
-VARIANTS = {  # op -> (label, triton_ops setting, value); the first is the default
-    "evidence": (("ours, default loads", "FORCE_TMA", None),
-                 ("ours, pointer loads (TMA off)", "FORCE_TMA", False)),
-    "ppo_loss": (("ours, chunk logits: library GEMM", "LOGITS_GEMM", "library"),
-                 ("ours, chunk logits: our GEMM (STORE_Z)", "LOGITS_GEMM", "triton")),
+VARIANTS = {  # op -> (label, ((module in cepo_kernels, setting, value), ...)); the first is the default
+    "evidence": (("ours, default loads", (("triton_ops", "FORCE_TMA", None),)),
+                 ("ours, pointer loads (TMA off)", (("triton_ops", "FORCE_TMA", False),))),
+    "ppo_loss": (("ours, chunk logits: library GEMM", (("triton_ops", "LOGITS_GEMM", "library"),)),
+                 ("ours, chunk logits: our GEMM (STORE_Z)", (("triton_ops", "LOGITS_GEMM", "triton"),)),
+                 ("ours, lean memory: bf16 dW, 512 MiB chunks",
+                  (("chunked", "DW_ACCUMULATION", "weight"), ("triton_ops", "GPU_CHUNK_BYTES", 512 << 20)))),
 }
 """Engine choices that only a GPU can settle, timed against each other at the timing shape
-(bf16): the forward's tile loads, and where the gradient chunks' logits come from."""
+(bf16), with their peak extra memory: the forward's tile loads, where the gradient chunks'
+logits come from, and the memory-lean gradient path (dW accumulated in the bf16 gradient,
+a quarter of the chunk budget: no 1.24 GB fp32 accumulator at V 151,936, H 2048) that the
+issue's 2%-of-naive memory target needs."""
+
+
+@contextlib.contextmanager
+def engine_settings(settings):
+    """Set each (module, name, value) of cepo_kernels for the duration; restore after."""
+    import importlib
+    saved = []
+    try:
+        for module, name, value in settings:
+            mod = importlib.import_module(f"cepo_kernels.{module}")
+            if not hasattr(mod, name):
+                raise AttributeError(f"cepo_kernels.{module} has no setting {name}")
+            saved.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, value)
+        yield
+    finally:
+        for mod, name, value in reversed(saved):
+            setattr(mod, name, value)
 
 
 def variant_timing(device, shape, op) -> list[dict]:
-    """``op`` (evidence | ppo_loss, bf16) under each of its VARIANTS; every row after the
-    first notes its ratio to the first."""
+    """``op`` (evidence | ppo_loss, bf16) under each of its VARIANTS: time and peak extra
+    memory; every row after the first notes its time ratio to the first."""
     if device.type != "cuda":
         return [dict(op=op, contender="ours, engine variants", status="skipped",
                      note="no CUDA (dry run)")]
     import triton.testing
     from bench import contenders as C
-    from cepo_kernels import triton_ops
+    from bench.timing import cuda_call_with_peak
     pt = C.Point(op, shape["N"], shape["V"], shape["H"], "bf16", seq_len=min(shape["N"], 1024))
     run = getattr(C, f"ours_{op}")(C.make_inputs(pt, str(device)))
     rows = []
-    for label, name, value in VARIANTS[op]:
-        saved = getattr(triton_ops, name)
-        setattr(triton_ops, name, value)
+    for label, settings in VARIANTS[op]:
         try:
-            run()  # compile and autotune this variant outside the timing
-            ms = triton.testing.do_bench(run, warmup=25, rep=250)
-            row = dict(op=op, contender=label, time_ms=ms, status="ok")
-            if name == "FORCE_TMA":
-                row["note"] = f"TMA used: {_tma_used(device, shape)}"
+            with engine_settings(settings):
+                run()  # compile and autotune this variant outside the timing
+                _, peak_mb = cuda_call_with_peak(run, device)
+                ms = triton.testing.do_bench(run, warmup=25, rep=250)
+                row = dict(op=op, contender=label, time_ms=ms, peak_extra_mb=peak_mb, status="ok")
+                if any(name == "FORCE_TMA" for _, name, _ in settings):
+                    row["note"] = f"TMA used: {_tma_used(device, shape)}"
             if rows and rows[0].get("time_ms"):
                 row["note"] = (row.get("note", "") + f"; {ms / rows[0]['time_ms']:.3f}x "
                                "the first").lstrip("; ")
@@ -443,8 +470,6 @@ def variant_timing(device, shape, op) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - recorded
             rows.append(dict(op=op, contender=label, status="error",
                              note=f"{type(e).__name__}: {str(e)[:300]}"))
-        finally:
-            setattr(triton_ops, name, saved)
     return rows
 
 

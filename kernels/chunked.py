@@ -29,6 +29,8 @@ so results (dW included) are deterministic.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _math
@@ -46,6 +48,28 @@ is that plus dW and dh. Lower it to trade speed for memory."""
 SKIP_ZERO_ROWS = "auto"
 """Drop rows with a zero gradient coefficient from the dh / dW products: 'auto' (on CPU
 only: on CUDA it would need a host sync), True or False."""
+
+
+DW_ACCUMULATION = os.environ.get("CEPO_KERNELS_DW_ACCUMULATION", "fp32")
+"""Where dW accumulates across row chunks for a bf16 weight: 'fp32' (default) in an fp32
+[V, H] buffer, rounded to bf16 once at the end; 'weight' in the bf16 gradient itself, one
+rounding per chunk (each chunk's product still accumulates in fp32 inside the GEMM). 'weight'
+saves the fp32 buffer, 4 V H bytes: 1.24 GB at V 151,936, H 2048, where the issue's GPU
+memory target (2% of naive, ~0.57 GB at N 16k) cannot hold it; the price is a gradient
+error that grows with the chunk count (PPO dW against float64, N 1024, H 64, V 4000: 0.33%
+at 4 chunks, 0.44% at 16, 0.54% at 64; fp32 accumulation 0.31%). fp32 and fp64 weights
+accumulate in their own dtype and fp16 always in fp32 (its scaled gradient tile), whatever
+this says."""
+
+
+def dw_accumulation_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype dW accumulates in across chunks for a weight of ``weight_dtype``."""
+    if DW_ACCUMULATION not in ("fp32", "weight"):
+        raise ValueError(f"cepo_kernels: DW_ACCUMULATION (CEPO_KERNELS_DW_ACCUMULATION) must be "
+                         f"'fp32' or 'weight', got {DW_ACCUMULATION!r}")
+    if weight_dtype == torch.bfloat16 and DW_ACCUMULATION == "weight":
+        return weight_dtype
+    return acc_dtype(weight_dtype) if weight_dtype in (torch.bfloat16, torch.float16) else weight_dtype
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -405,8 +429,8 @@ def _grad_buffers(hidden, weight, head, need_h, need_w):
     dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
     dw32 = None
     if need_w:
-        dw_dtype = head.acc if weight.dtype != head.acc else weight.dtype
-        dw32 = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device)
+        dw32 = torch.zeros(weight.shape, dtype=dw_accumulation_dtype(weight.dtype),
+                           device=weight.device)
     return dh, dw32
 
 

@@ -46,9 +46,11 @@ from .triton_kernels import (distill_dz_kernel, distill_row_kernel, dz_kernel, r
 FORCE_NUM_SPLITS: int | None = None
 """Tests set this to exercise the multi-split (atomic ticket) path of the forward kernel."""
 
-GPU_CHUNK_BYTES = 2 << 30
+GPU_CHUNK_BYTES = int(os.environ.get("CEPO_KERNELS_GPU_CHUNK_MB", "2048")) << 20
 """Logits chunk budget of the three-product path on CUDA (fp32 chunk plus its dz):
-a few thousand rows at V = 152k, so the dW accumulator is read and written a few times only."""
+a few thousand rows at V = 152k, so the dW accumulator is read and written a few times only.
+Lower it (``CEPO_KERNELS_GPU_CHUNK_MB``) with ``chunked.DW_ACCUMULATION = 'weight'`` where
+memory is tighter than time: 512 MiB holds ~590 rows at V 151,936."""
 
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, GROUP_M=2)
 CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_V, BLOCK_D, warps, stages): 128-row MMAs and smaller fallbacks
@@ -320,8 +322,12 @@ def _products(dz, head, r0, r1, scale, dh, dw32):
 
 def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_fn,
                       need_h, need_w):
-    """Engine API (see chunked.head_forward_grad): three products per row chunk."""
+    """Engine API (see chunked.head_forward_grad): three products per row chunk; a call
+    that needs no gradient is the one-launch forward (no logits chunk in memory)."""
     _check_dtype(weight.dtype)
+    if not (need_h or need_w):
+        lp, lse, ent = head_forward((hidden,), weight, y, valid, temperature, with_entropy)
+        return lp[0], lse[0], None if ent is None else ent[0], None, None
     n, vocab = y.shape[0], weight.shape[0]
     dev = weight.device
     head = chunked._Head(_row_major(hidden), _row_major(weight))

@@ -120,3 +120,49 @@ def test_forward_warmup_args_bind_to_the_kernel(gpu_check):
         assert bound["h_desc"] == descs[0] and bound["N"] == 16384 and bound["V"] == 512
         assert bound["vocab_per_split"] == 1024 and bound["STORE_Z"] == store_z
         assert (bound["z_ptr"] is z) == store_z
+
+
+@pytest.mark.parametrize("op", ["evidence", "ppo_loss"])
+def test_engine_variants_apply_restore_and_agree(gpu_check, op):
+    """Every VARIANTS setting names a real engine setting, is restored afterwards, and the
+    op under it gives the default's result (on CPU: the chunked engine, and the Triton
+    engine under the interpreter where it is on)."""
+    import cepo_kernels as ck
+    from bench import contenders as C
+    from cepo_kernels import backend as kb
+    variants = gpu_check.VARIANTS[op]
+    assert len(variants) >= 2
+    inp = C.make_inputs(C.Point(op, 37, 101, 16, "bf16", seq_len=37), "cpu")
+    engines = ["torch"] + (["triton"] if kb.triton_available() and kb.interpreting() else [])
+    for engine in engines:
+        def run():
+            if op == "evidence":
+                out = ck.contrastive_evidence(inp.h_policy, inp.h_pos, inp.h_neg, inp.weight,
+                                              inp.targets, inp.advantages, inp.has_negative,
+                                              lam=0.5, eps_w=0.2, backend=engine)
+                return [out.lp_policy, out.lp_pos, out.lp_neg, out.token_advantages]
+            loss, _ = ck.fused_linear_ppo_loss(inp.hidden, inp.weight, inp.targets,
+                                               inp.old_logprobs, inp.advantages, inp.mask,
+                                               backend=engine)
+            return [loss, *torch.autograd.grad(loss, (inp.hidden, inp.weight))]
+
+        outs = []
+        for label, settings in variants:
+            before = _settings_now(settings)
+            with gpu_check.engine_settings(settings):
+                assert _settings_now(settings) == [v for _, _, v in settings], label
+                outs.append(run())
+            assert _settings_now(settings) == before, label
+        assert len(outs[0]) == (4 if op == "evidence" else 3)
+        for out, (label, _) in zip(outs[1:], variants[1:]):
+            for a, b in zip(out, outs[0]):
+                torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3,
+                                           msg=f"{engine}: {label}")
+    with pytest.raises(AttributeError, match="no setting"):
+        with gpu_check.engine_settings((("chunked", "NO_SUCH_SETTING", 1),)):
+            pass
+
+
+def _settings_now(settings):
+    import importlib
+    return [getattr(importlib.import_module(f"cepo_kernels.{m}"), n) for m, n, _ in settings]

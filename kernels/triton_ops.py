@@ -46,7 +46,15 @@ from .triton_kernels import (distill_dz_kernel, distill_row_kernel, dz_kernel, r
 FORCE_NUM_SPLITS: int | None = None
 """Tests set this to exercise the multi-split (atomic ticket) path of the forward kernel."""
 
-GPU_CHUNK_BYTES = int(os.environ.get("CEPO_KERNELS_GPU_CHUNK_MB", "2048")) << 20
+def _env_mib(name: str, default: int) -> int:
+    """A positive whole number of MiB from the environment, in bytes (a named error else)."""
+    raw = os.environ.get(name, str(default))
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"cepo_kernels: {name} must be a positive whole number of MiB, got {raw!r}")
+    return int(raw) << 20
+
+
+GPU_CHUNK_BYTES = _env_mib("CEPO_KERNELS_GPU_CHUNK_MB", 2048)
 """Logits chunk budget of the three-product path on CUDA (fp32 chunk plus its dz):
 a few thousand rows at V = 152k, so the dW accumulator is read and written a few times only.
 Lower it (``CEPO_KERNELS_GPU_CHUNK_MB``) with ``chunked.DW_ACCUMULATION = 'weight'`` where

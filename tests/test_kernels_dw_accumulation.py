@@ -129,3 +129,14 @@ def test_unknown_setting_is_a_named_error(monkeypatch):
     hidden, weight, targets = head_inputs(5, 8, 13, torch.bfloat16, "cpu", requires_grad=True)
     with pytest.raises(ValueError, match="CEPO_KERNELS_DW_ACCUMULATION"):
         _ppo(hidden, weight, targets, "torch").backward()
+
+
+def test_chunk_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CEPO_KERNELS_GPU_CHUNK_MB", "512")
+    assert triton_ops._env_mib("CEPO_KERNELS_GPU_CHUNK_MB", 2048) == 512 << 20
+    monkeypatch.delenv("CEPO_KERNELS_GPU_CHUNK_MB")
+    assert triton_ops._env_mib("CEPO_KERNELS_GPU_CHUNK_MB", 2048) == 2 << 30
+    for bad in ("0", "half", "-5", "1.5"):
+        monkeypatch.setenv("CEPO_KERNELS_GPU_CHUNK_MB", bad)
+        with pytest.raises(ValueError, match="CEPO_KERNELS_GPU_CHUNK_MB"):
+            triton_ops._env_mib("CEPO_KERNELS_GPU_CHUNK_MB", 2048)

@@ -139,19 +139,26 @@ def _kernel_facts(compiled) -> dict:
                 ptx_lines=ptx.count("\n"))
 
 
-FORWARD_VARIANTS = ((1, False, False, False), (3, True, False, False), (3, True, True, False),
-                    (1, False, False, True))
-"""(contexts, CEPO epilogue, TMA loads, STORE_Z) of the forward kernel compiled in section 1."""
+FORWARD_VARIANTS = ((1, False, False, None), (3, True, False, None), (3, True, True, None),
+                    (1, False, False, "fp32"), (1, False, False, "fp16"))
+"""(contexts, CEPO epilogue, TMA loads, STORE_Z chunk: None, fp32, or fp16 with tile
+offsets) of the forward kernel compiled in section 1."""
+
+OFFSET_BLOCK = 128
+"""Columns per offset of the fp16 chunk on CUDA (the smallest CUDA BLOCK_V)."""
 
 
-def forward_warmup_args(hid, w, y, vec, i32, i8, n, v, h, descs, z, k, epi, tma):
+def forward_warmup_args(hid, w, y, vec, i32, i8, n, v, h, descs, z, k, epi, tma, off=None):
     """The positional arguments and the variant's constexprs of ``stacked_fwd_kernel``
-    for a compile-only warmup (dummy buffers; tests bind them to the kernel's signature)."""
+    for a compile-only warmup (dummy buffers; tests bind them to the kernel's signature).
+    z: the STORE_Z chunk or None; off: its offsets (an fp16 chunk) or None."""
     args = (hid, h * n, h, w, h, *descs, y, vec, i32, vec, vec, vec, vec, i8, vec, vec, i8,
             vec if z is None else z, 0 if z is None else v,
+            vec if off is None else off, 0 if off is None else off.shape[1],
             n, v, h, 1.0, 0.5, 0.2, 4, 1024)
     meta = dict(K=k, WITH_ENTROPY=False, EPILOGUE=epi, DIRECT=not epi, UPCAST=False,
-                USE_TMA=tma, STORE_Z=z is not None)
+                USE_TMA=tma, STORE_Z=z is not None, Z_OFFSET=off is not None,
+                OFF_BLOCK=OFFSET_BLOCK if off is not None else 1)
     return args, meta
 
 
@@ -171,17 +178,20 @@ def compile_section(device, shape) -> list[dict]:
     vec = torch.empty(16, **f32)
     i32 = torch.zeros(16, dtype=torch.int32, device=device)
     i8 = torch.zeros(16, dtype=torch.int8, device=device)
-    z = torch.empty(16, v, **f32)
+    chunks = {None: (None, None), "fp32": (torch.empty(16, v, **f32), None),
+              "fp16": (torch.empty(16, v, dtype=torch.float16, device=device),
+                       torch.empty(16, -(-v // OFFSET_BLOCK), **f32))}
     for k, epi, tma, store_z in FORWARD_VARIANTS:
         for bm, bv, bd, warps, stages in triton_ops.CUDA_CONFIGS:
             name = (f"stacked_fwd K={k}{' +epilogue' if epi else ''}{' TMA' if tma else ''}"
-                    f"{' STORE_Z' if store_z else ''} BLOCK {bm}x{bv}x{bd} w{warps} s{stages}")
+                    f"{f' STORE_Z {store_z}' if store_z else ''} BLOCK {bm}x{bv}x{bd} w{warps} s{stages}")
             try:
                 descs = (triton_ops._descriptors(hid[:k].reshape(-1, h), w,
                                                  dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd))
                          if tma else (None, None))
                 args, meta = forward_warmup_args(hid, w, y, vec, i32, i8, n, v, h, descs,
-                                                 z if store_z else None, k, epi, tma)
+                                                 *chunks[store_z][:1], k, epi, tma,
+                                                 off=chunks[store_z][1])
                 c = tk.stacked_fwd_kernel.warmup(
                     *args, grid=(1,), **meta, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, GROUP_M=8,
                     num_warps=warps, num_stages=stages)
@@ -204,6 +214,16 @@ def compile_section(device, shape) -> list[dict]:
             rows.append(dict(kernel=f"dz ({dt})", status="ok", **_kernel_facts(c)))
         except Exception as e:  # noqa: BLE001
             rows.append(dict(kernel=f"dz ({dt})", status="error", note=f"{type(e).__name__}: {str(e)[:300]}"))
+    z16, off = chunks["fp16"]
+    try:  # the fp16 chunk with tile offsets, dz in place as bf16
+        c = tk.dz_kernel.warmup(z16, v, z16.view(torch.bfloat16), v, y, vec, vec, vec, vec, vec,
+                                4096, v, 1.0, grid=(1,), HAS_C=False, HAS_SCALE=False, **cfg,
+                                off_ptr=off, stride_off=off.shape[1], HAS_OFFSET=True,
+                                OFF_BLOCK=OFFSET_BLOCK)
+        rows.append(dict(kernel="dz (fp16 chunk + offsets -> bf16)", status="ok", **_kernel_facts(c)))
+    except Exception as e:  # noqa: BLE001
+        rows.append(dict(kernel="dz (fp16 chunk + offsets)", status="error",
+                         note=f"{type(e).__name__}: {str(e)[:300]}"))
     return rows
 
 
@@ -243,9 +263,11 @@ def correctness_cases(dry_run: bool) -> list[dict]:
         if dt != "fp32":  # Hopper's default is TMA for 16-bit tiles: the pointer loads too
             cases.append(dict(op="logprobs", dtype=dt, splits=3, tma=False))
             cases.append(dict(op="evidence", dtype=dt, splits=3, tma=False))
-        # the gradient chunks' logits from our forward kernel (STORE_Z) instead of the library
-        cases.append(dict(op="logprobs", dtype=dt, splits=None, logits_gemm="triton"))
-        cases.append(dict(op="ppo_loss", dtype=dt, splits=None, logits_gemm="triton"))
+        # the gradient chunks' logits from our forward kernel (STORE_Z) instead of the
+        # library: fp32, and for 16-bit heads fp16 with tile offsets
+        for source in ("triton", "triton-fp16") if dt != "fp32" else ("triton",):
+            cases.append(dict(op="logprobs", dtype=dt, splits=None, logits_gemm=source))
+            cases.append(dict(op="ppo_loss", dtype=dt, splits=None, logits_gemm=source))
     return cases
 
 
@@ -414,6 +436,8 @@ VARIANTS = {  # op -> (label, ((module in cepo_kernels, setting, value), ...)); 
                  ("ours, pointer loads (TMA off)", (("triton_ops", "FORCE_TMA", False),))),
     "ppo_loss": (("ours, chunk logits: library GEMM", (("triton_ops", "LOGITS_GEMM", "library"),)),
                  ("ours, chunk logits: our GEMM (STORE_Z)", (("triton_ops", "LOGITS_GEMM", "triton"),)),
+                 ("ours, chunk logits: our GEMM, fp16 + tile offsets",
+                  (("triton_ops", "LOGITS_GEMM", "triton-fp16"),)),
                  ("ours, lean memory: bf16 dW, 512 MiB chunks",
                   (("chunked", "DW_ACCUMULATION", "weight"), ("triton_ops", "GPU_CHUNK_BYTES", 512 << 20)))),
 }

@@ -131,10 +131,12 @@ def stacked_fwd_kernel(
     part_ptr, ticket_ptr,
     lp_ptr, lse_ptr, ent_ptr,
     adv_ptr, has_neg_ptr, delta_ptr, tok_adv_ptr, clipped_ptr, z_ptr, stride_z,
+    off_ptr, stride_off,
     N, V, D, inv_temp, lam, eps_w, num_splits, vocab_per_split,
     K: tl.constexpr, WITH_ENTROPY: tl.constexpr, EPILOGUE: tl.constexpr, DIRECT: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, STORE_Z: tl.constexpr = False,
+    Z_OFFSET: tl.constexpr = False, OFF_BLOCK: tl.constexpr = 1,
 ):
     """Log-probs of targets y [N] under K <= 4 contexts h [K, N, H] sharing one LM head.
 
@@ -148,6 +150,11 @@ def stacked_fwd_kernel(
     (never stored), and each output row of the dot depends on its own input row only.
     STORE_Z (K = 1): also write each logits tile, untempered, into z [N, V] (fp32: the
     gradient chunk of the PPO loss and of the log-prob backward, ``LOGITS_GEMM='triton'``).
+    Z_OFFSET (with STORE_Z, a 16-bit z: ``LOGITS_GEMM='triton-fp16'``): write z minus the
+    tile's row maximum (<= 0), and that maximum (fp32) into off [N, cdiv(V, OFF_BLOCK)] at
+    every OFF_BLOCK-wide slot the tile covers (OFF_BLOCK divides BLOCK_V); z = stored + off
+    then carries fp16's 2^-11 relative error on |z - tile max|, which is small exactly for
+    the logits that carry probability (|z - row max| < ~20), at any |z|.
     """
     pid = tl.program_id(0)
     N_PAD = tl.cdiv(N, BLOCK_M) * BLOCK_M
@@ -194,8 +201,16 @@ def stacked_fwd_kernel(
                 wt = wt.to(tl.float32)
             acc = tl.dot(x, wt, acc, input_precision="ieee")
         if STORE_Z:
+            z_val = acc
+            if Z_OFFSET:
+                tile_max = tl.max(tl.where(col_ok[None, :], acc, float("-inf")), axis=1)
+                # >= -60000: finite in fp16 (p = 0 there either way; -inf would make p log p NaN)
+                z_val = tl.maximum(acc - tile_max[:, None], -60000.0)
+                off_row = off_ptr + toks.to(tl.int64) * stride_off + v0 // OFF_BLOCK
+                for j in tl.static_range(BLOCK_V // OFF_BLOCK):
+                    tl.store(off_row + j, tile_max, mask=tok_ok & (v0 + j * OFF_BLOCK < v_hi))
             tl.store(z_ptr + toks.to(tl.int64)[:, None] * stride_z + cols[None, :],
-                     acc.to(z_ptr.dtype.element_ty), mask=tok_ok[:, None] & col_ok[None, :])
+                     z_val.to(z_ptr.dtype.element_ty), mask=tok_ok[:, None] & col_ok[None, :])
         m, s, t, zt = _online_update(acc * inv_temp, cols, col_ok, y, m, s, t, zt, WITH_ENTROPY)
 
     if DIRECT:
@@ -256,10 +271,15 @@ def row_stats_kernel(z_ptr, stride_z, y_ptr, lp_ptr, lse_ptr, ent_ptr, R, V, inv
 @triton.jit(do_not_specialize=["R"])
 def dz_kernel(z_ptr, stride_z, dz_ptr, stride_dz, y_ptr, lse_ptr, a_ptr, b_ptr, c_ptr, scale_ptr,
               R, V, inv_temp, HAS_C: tl.constexpr, HAS_SCALE: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+              BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+              off_ptr=None, stride_off=0, HAS_OFFSET: tl.constexpr = False,
+              OFF_BLOCK: tl.constexpr = 1):
     """dz = (a onehot + p (b - c log p)) * scale, p = exp(z / T - lse), stored in dz's dtype.
 
-    a, b, c [R] already carry the 1/T of the chain rule; dz may alias z (fp32, in place).
+    a, b, c [R] already carry the 1/T of the chain rule; dz may alias z (in place: each
+    element is read before it is written, by the same program). HAS_OFFSET: z holds
+    z - off (fp16) and off [R, cdiv(V, OFF_BLOCK)] the offsets (``stacked_fwd_kernel``'s
+    Z_OFFSET).
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -271,7 +291,11 @@ def dz_kernel(z_ptr, stride_z, dz_ptr, stride_dz, y_ptr, lse_ptr, a_ptr, b_ptr, 
     a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     b = tl.load(b_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-    log_p = z.to(tl.float32) * inv_temp - lse[:, None]
+    z = z.to(tl.float32)
+    if HAS_OFFSET:
+        z += tl.load(off_ptr + rows.to(tl.int64)[:, None] * stride_off + (cols // OFF_BLOCK)[None, :],
+                     mask=ok, other=0.0)
+    log_p = z * inv_temp - lse[:, None]
     p = tl.exp(log_p)
     if HAS_C:
         c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import typing
 
 import torch
 import triton
@@ -170,12 +171,14 @@ def num_splits(device: torch.device, row_blocks: int, vocab: int, block_v: int) 
     return max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(target, max(1, row_blocks))))
 
 
-def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=None, z_out=None):
+def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=None, z_out=None,
+                    z_off=(None, 1)):
     """One launch for K = len(hiddens) <= 4 contexts. y_raw keeps -100 for ignored rows.
 
     epilogue: None, or (advantages [N], has_negative [N] bool, lam, eps_w) for K = 3.
     z_out: None, or a row-major [N, V] buffer (K = 1) that receives the untempered logits
-    in its dtype (``fused_logits``).
+    in its dtype (``LOGITS_GEMM``); z_off: (off [N, cdiv(V, block)] fp32 or None, block):
+    with an fp16 z_out, z_out gets z - off and off each tile's row maximum (Z_OFFSET).
     Returns (lp [K, N], lse [K, N], entropy [K, N] | None, (delta, token_adv, clipped) | None).
     """
     k = len(hiddens)
@@ -215,6 +218,13 @@ def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=
 
     if z_out is not None and (k != 1 or z_out.shape != (n, vocab) or z_out.stride(1) != 1):
         raise ValueError("cepo_kernels: z_out must be a row-major [N, V] buffer, one context")
+    off, off_block = z_off
+    if off is not None and (z_out is None or z_out.dtype != torch.float16
+                            or off.shape != (n, triton.cdiv(vocab, off_block))
+                            or off.stride(1) != 1 or max_block_v % off_block
+                            or meta.get("BLOCK_V", off_block) % off_block):
+        raise ValueError("cepo_kernels: z_off needs an fp16 z_out and a row-major [N, cdiv(V, "
+                         "block)] offset buffer whose block divides every BLOCK_V")
 
     def grid(m):
         return (k * triton.cdiv(n, m["BLOCK_M"]) * splits,)
@@ -224,9 +234,11 @@ def _launch_forward(hiddens, weight, y_raw, temperature, with_entropy, epilogue=
         part, ticket,
         lp, lse, ent, adv, has_neg, delta, tok_adv, clipped,
         lp if z_out is None else z_out, 0 if z_out is None else z_out.stride(0),
+        lp if off is None else off, 0 if off is None else off.stride(0),
         n, vocab, d, 1.0 / temperature, float(lam), float(eps_w), splits, vocab_per_split,
         K=k, WITH_ENTROPY=with_entropy, EPILOGUE=epilogue is not None, DIRECT=direct,
-        UPCAST=_upcast(weight.dtype), USE_TMA=tma, STORE_Z=z_out is not None, **meta)
+        UPCAST=_upcast(weight.dtype), USE_TMA=tma, STORE_Z=z_out is not None,
+        Z_OFFSET=off is not None, OFF_BLOCK=off_block, **meta)
     extra = (delta, tok_adv, clipped.view(torch.bool)) if epilogue is not None else None
     return lp, lse, (ent if with_entropy else None), extra
 
@@ -244,40 +256,81 @@ def head_forward(hiddens, weight, y, valid, temperature, with_entropy):
 # --------------------------------------------------------------------------- three products
 
 LOGITS_GEMM = os.environ.get("CEPO_KERNELS_LOGITS_GEMM", "library")
-"""Where the gradient paths (the PPO loss, the log-prob backward) get each fp32 logits
-chunk: 'library' (default): the library GEMM (cuBLAS) with fp32 output, then
-``row_stats_kernel`` reduces it; 'triton': ``stacked_fwd_kernel`` with STORE_Z writes the
-chunk and returns its log-prob, logsumexp and entropy from the same fp32 accumulator (no
-statistics pass: one read of the chunk less, our GEMM instead of the library's).
-bench/gpu_check.py checks and times both. The chunk stays fp32 either way: keeping it in
-bf16 (2 bytes a logit instead of 4 + 2) put the gradients 1.5-4.7% from float64 at
-|z| ~ 10-20, T 0.7, against 0.4% (p = exp(z / T - lse) inherits |z| / T 2^-9 of rounding)."""
+"""Where the gradient paths (the PPO loss, the log-prob backward) get each logits chunk:
+'library' (default): the library GEMM (cuBLAS) with fp32 output, then ``row_stats_kernel``
+reduces it; 'triton': ``stacked_fwd_kernel`` with STORE_Z writes the fp32 chunk and returns
+its log-prob, logsumexp and entropy from the same fp32 accumulator (no statistics pass: one
+read of the chunk less, our GEMM instead of the library's); 'triton-fp16' (16-bit weights;
+fp32 ones take 'triton'): the same kernel writes each logit as fp16 z - (its tile's row
+maximum) plus one fp32 offset per row and 128 columns (Z_OFFSET), and dz is formed in place
+in it: 2 bytes a logit in memory instead of 6, and ~10 bytes of traffic a logit instead of
+~18 ('library') or ~14 ('triton'), so 3x the rows per chunk budget. bench/gpu_check.py
+checks and times all three. A plain bf16 chunk (2 bytes, no offsets) put the gradients
+1.5-4.7% from float64 at |z| ~ 10-20, T 0.7, against 0.4% in fp32 (p = exp(z / T - lse)
+inherits |z| / T 2^-9 of rounding); the offsets bound the rounding by |z - tile max|, small
+for every logit that carries probability, at any |z|."""
+
+LOGITS_GEMMS = ("library", "triton", "triton-fp16")
+
+OFFSET_BLOCK: int | None = None
+"""Columns per offset of the 'triton-fp16' chunk; None: the smallest BLOCK_V the forward
+may run with (each tile then covers one or more whole slots). Tests set it."""
 
 
-def fused_logits() -> bool:
-    if LOGITS_GEMM not in ("triton", "library"):
-        raise ValueError(f"cepo_kernels: LOGITS_GEMM (CEPO_KERNELS_LOGITS_GEMM) must be 'triton' or "
-                         f"'library', got {LOGITS_GEMM!r}")
-    return LOGITS_GEMM == "triton"
+def logits_source(dtype: torch.dtype) -> str:
+    """LOGITS_GEMM, validated, as it applies to a head of ``dtype`` (fp32: no fp16 chunk)."""
+    if LOGITS_GEMM not in LOGITS_GEMMS:
+        raise ValueError(f"cepo_kernels: LOGITS_GEMM (CEPO_KERNELS_LOGITS_GEMM) must be one of "
+                         f"{', '.join(LOGITS_GEMMS)}; got {LOGITS_GEMM!r}")
+    if LOGITS_GEMM == "triton-fp16" and dtype == torch.float32:
+        return "triton"
+    return LOGITS_GEMM
 
 
-def _chunk_rows(n: int, vocab: int, device: torch.device) -> int:
+def _offset_block(device: torch.device) -> int:
+    if OFFSET_BLOCK is not None:
+        return OFFSET_BLOCK
+    if _compiled(device):
+        return min(c[1] for c in CUDA_CONFIGS)
+    return INTERPRETER_CONFIG["BLOCK_V"]
+
+
+class _Chunk(typing.NamedTuple):
+    """A gradient chunk's logits: z [r, V] fp32, or fp16 z - off with ``off`` [r,
+    cdiv(V, block)] fp32 and ``block`` its columns per offset."""
+    z: torch.Tensor
+    off: torch.Tensor | None = None
+    block: int = 1
+
+
+def _chunk_rows(n: int, vocab: int, device: torch.device, source: str = "library") -> int:
+    """Rows per gradient chunk: the CUDA budget holds fp32 logits plus a 16-bit dz (6 bytes
+    a logit), or the fp16 chunk with dz in place (2 bytes, 'triton-fp16')."""
     if device.type == "cuda":
-        return max(1, min(n, GPU_CHUNK_BYTES // (6 * max(1, vocab))))
+        per_logit = 2 if source == "triton-fp16" else 6
+        return max(1, min(n, GPU_CHUNK_BYTES // (per_logit * max(1, vocab))))
     return chunked.rows_per_chunk(n, vocab)
 
 
-def _chunk_stats(head, r0, r1, y_raw, temperature, with_entropy, fused):
-    """One gradient chunk's fp32 logits and their statistics: (z [r, V], lp, lse,
-    entropy | None), from the forward kernel (fused: statistics from its accumulator) or
-    from the library GEMM and ``row_stats_kernel``."""
-    if fused:
-        z = torch.empty(r1 - r0, head.w.shape[0], dtype=torch.float32, device=head.w.device)
-        lp, lse, ent, _ = _launch_forward([head.h[r0:r1]], head.w, y_raw[r0:r1], temperature,
-                                          with_entropy, z_out=z)
-        return z, lp[0], lse[0], None if ent is None else ent[0]
-    z = _logits_chunk(head.h[r0:r1], head.w)
-    return (z, *_row_stats(z, y_raw[r0:r1], temperature, with_entropy))
+def _chunk_stats(head, r0, r1, y_raw, temperature, with_entropy, source):
+    """One gradient chunk's logits and their statistics: (``_Chunk``, lp, lse,
+    entropy | None), from the forward kernel (statistics from its accumulator; fp32, or
+    fp16 with tile offsets) or from the library GEMM and ``row_stats_kernel``."""
+    if source == "library":
+        z = _logits_chunk(head.h[r0:r1], head.w)
+        return (_Chunk(z), *_row_stats(z, y_raw[r0:r1], temperature, with_entropy))
+    r, vocab, dev = r1 - r0, head.w.shape[0], head.w.device
+    off = None
+    if source == "triton-fp16":
+        block = _offset_block(dev)
+        z = torch.empty(r, vocab, dtype=torch.float16, device=dev)
+        off = torch.empty(r, triton.cdiv(vocab, block), dtype=torch.float32, device=dev)
+    else:
+        block = 1
+        z = torch.empty(r, vocab, dtype=torch.float32, device=dev)
+    lp, lse, ent, _ = _launch_forward([head.h[r0:r1]], head.w, y_raw[r0:r1], temperature,
+                                      with_entropy, z_out=z, z_off=(off, block))
+    return _Chunk(z, off, block), lp[0], lse[0], None if ent is None else ent[0]
 
 
 def _logits_chunk(h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -309,15 +362,26 @@ def _row_stats(z, y_raw, temperature, with_entropy):
     return lp, lse, (ent if with_entropy else None)
 
 
-def _dz(z, y, lse, a, b, c, temperature, scale, dtype):
-    """dz [rows, V] in dtype (in place in z when z has that dtype); a, b, c carry 1/T."""
+def _dz(chunk, y, lse, a, b, c, temperature, scale, dtype):
+    """dz [rows, V] in dtype (in place in the chunk's z when its elements have dtype's
+    size: an fp32 chunk for fp32, the fp16 chunk for bf16 / fp16); a, b, c carry 1/T."""
+    z = chunk.z
     r, vocab = z.shape
-    dz = z if z.dtype == dtype else torch.empty(r, vocab, dtype=dtype, device=z.device)
+    if z.dtype == dtype:
+        dz = z
+    elif z.element_size() == torch.empty((), dtype=dtype).element_size():
+        dz = z.view(dtype)  # same bytes, reinterpreted: each element read, then written
+    else:
+        dz = torch.empty(r, vocab, dtype=dtype, device=z.device)
     cfg = _row_cfg(z.device)
     grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
+    offset = chunk.off is not None
     dz_kernel[grid](z, z.stride(0), dz, dz.stride(0), y, lse, a, b, a if c is None else c,
                     lse if scale is None else scale, r, vocab, 1.0 / temperature,
-                    HAS_C=c is not None, HAS_SCALE=scale is not None, **cfg)
+                    HAS_C=c is not None, HAS_SCALE=scale is not None, **cfg,
+                    off_ptr=chunk.off if offset else lse,
+                    stride_off=chunk.off.stride(0) if offset else 0,
+                    HAS_OFFSET=offset, OFF_BLOCK=chunk.block)
     return dz
 
 
@@ -345,11 +409,12 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
     ent = torch.zeros(n, **f32) if with_entropy else None
     dh, dw32 = chunked._grad_buffers(hidden, weight, head, need_h, need_w)
     y_raw = torch.where(valid, y, torch.full_like(y, -100))
-    fused = fused_logits()
-    rows = _chunk_rows(n, vocab, dev)
+    source = logits_source(head.dtype)
+    rows = _chunk_rows(n, vocab, dev, source)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        z, lp_c, lse_c, ent_c = _chunk_stats(head, r0, r1, y_raw, temperature, with_entropy, fused)
+        z, lp_c, lse_c, ent_c = _chunk_stats(head, r0, r1, y_raw, temperature, with_entropy,
+                                             source)
         lp[r0:r1], lse[r0:r1] = lp_c, lse_c
         if with_entropy:
             ent[r0:r1] = ent_c
@@ -377,15 +442,15 @@ def head_backward(hidden, weight, y, lse, a, b, c, temperature, need_h, need_w):
     a = (a * inv_temp).float().contiguous()
     b = (b * inv_temp).float().contiguous()
     c = None if c is None else (c * inv_temp).float().contiguous()
-    fused = fused_logits()
-    rows = _chunk_rows(n, vocab, dev)
+    source = logits_source(head.dtype)
+    rows = _chunk_rows(n, vocab, dev, source)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         cc = None if c is None else c[r0:r1]
         scale = chunked.grad_scale(a[r0:r1], b[r0:r1], cc, head.dtype)
         # the logsumexp of THESE logits (not the forward's, from another GEMM's rounding):
         # p then sums to 1 exactly, which matters where |z| ~ 1e4
-        z, _, lse_c, _ = _chunk_stats(head, r0, r1, y, temperature, False, fused)
+        z, _, lse_c, _ = _chunk_stats(head, r0, r1, y, temperature, False, source)
         dz = _dz(z, y[r0:r1], lse_c, a[r0:r1], b[r0:r1], cc, temperature, scale, head.dtype)
         del z
         _products(dz, head, r0, r1, scale, dh, dw32)

@@ -109,17 +109,26 @@ def test_forward_warmup_args_bind_to_the_kernel(gpu_check):
     sig = inspect.signature(getattr(tk.stacked_fwd_kernel, "fn", tk.stacked_fwd_kernel))
     blocks = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8)
     hid, w, y = torch.empty(3, 16, 32), torch.empty(16, 32), torch.zeros(16, dtype=torch.int64)
-    vec, z = torch.empty(16), torch.empty(16, 512)
+    vec = torch.empty(16)
     i32, i8 = torch.zeros(16, dtype=torch.int32), torch.zeros(16, dtype=torch.int8)
+    chunks = {None: (None, None), "fp32": (torch.empty(16, 512), None),
+              "fp16": (torch.empty(16, 512, dtype=torch.float16), torch.empty(16, 4))}
+    from cepo_kernels import triton_ops
+    assert gpu_check.OFFSET_BLOCK == min(c[1] for c in triton_ops.CUDA_CONFIGS)
+    assert {v[3] for v in gpu_check.FORWARD_VARIANTS} == set(chunks)
     for k, epi, tma, store_z in gpu_check.FORWARD_VARIANTS:
         descs = ("h_desc", "w_desc") if tma else (None, None)
+        z, off = chunks[store_z]
         args, meta = gpu_check.forward_warmup_args(hid, w, y, vec, i32, i8, 16384, 512, 32, descs,
-                                                   z if store_z else None, k, epi, tma)
+                                                   z, k, epi, tma, off=off)
         bound = sig.bind(*args, **meta, **blocks).arguments  # TypeError if the count is off
         assert bound["y_ptr"] is y and bound["ticket_ptr"] is i32 and bound["clipped_ptr"] is i8
         assert bound["h_desc"] == descs[0] and bound["N"] == 16384 and bound["V"] == 512
-        assert bound["vocab_per_split"] == 1024 and bound["STORE_Z"] == store_z
-        assert (bound["z_ptr"] is z) == store_z
+        assert bound["vocab_per_split"] == 1024 and bound["STORE_Z"] == (z is not None)
+        assert (bound["z_ptr"] is z) == (z is not None)
+        assert bound["Z_OFFSET"] == (off is not None) and (bound["off_ptr"] is off) == (off is not None)
+        if off is not None:
+            assert bound["stride_off"] == 4 and bound["OFF_BLOCK"] == gpu_check.OFFSET_BLOCK
 
 
 @pytest.mark.parametrize("op", ["evidence", "ppo_loss"])

@@ -72,7 +72,7 @@ def test_forward_with_each_cuda_tile(cfg, splits, dtype, tma, monkeypatch):
 
 
 @pytest.mark.parametrize("logits_gemm,vocab", [("library", 517), ("library", 1100),
-                                               ("triton", 517)])
+                                               ("triton", 517), ("triton-fp16", 517)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_with_cuda_row_block(vocab, dtype, logits_gemm, cuda_row_block, monkeypatch):
     """Log-prob gradients (logits recomputed, then their statistics and dz), the PPO loss's
@@ -114,6 +114,30 @@ def test_backward_with_cuda_row_block(vocab, dtype, logits_gemm, cuda_row_block,
         assert rel_err(loss_t, loss_r) <= TOL[dtype], kind
         for got, want in zip(grads(loss_t, hidden, weight), grads(loss_r, hidden, weight)):
             assert rel_err(got, want) <= GRAD_TOL[dtype], kind
+
+
+@pytest.mark.parametrize("cfg", triton_ops.CUDA_CONFIGS, ids=_config_id)
+def test_fp16_chunk_with_each_cuda_tile(cfg, cuda_row_block, monkeypatch):
+    """The 'triton-fp16' gradient chunk written by each autotuned tile with CUDA's offset
+    block (128 columns: a 256-wide tile fills two offset slots), then dz with CUDA's row
+    block: the PPO gradients against float64 at V 517 (a partial last slot)."""
+    m, v, d = cfg[:3]
+    monkeypatch.setattr(triton_ops, "INTERPRETER_CONFIG",
+                        dict(BLOCK_M=m, BLOCK_V=v, BLOCK_D=d, GROUP_M=8))
+    monkeypatch.setattr(triton_ops, "OFFSET_BLOCK", min(c[1] for c in triton_ops.CUDA_CONFIGS))
+    monkeypatch.setattr(triton_ops, "LOGITS_GEMM", "triton-fp16")
+    hidden, weight, targets = head_inputs(N, H, 517, torch.bfloat16, "cpu", seed=5, scale=3.0,
+                                          ignore=(3, 131), requires_grad=True)
+    gen = torch.Generator().manual_seed(2)
+    adv = torch.randn(N, generator=gen)
+    mask = torch.rand(N, generator=gen) > 0.2
+    loss_t, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, None, adv, mask,
+                                         temperature=0.7, backend="triton")
+    loss_r, _ = reference.fused_linear_ppo_loss(hidden, weight, targets, None, adv, mask,
+                                                temperature=0.7)
+    assert rel_err(loss_t, loss_r) <= TOL[torch.bfloat16]
+    for got, want in zip(grads(loss_t, hidden, weight), grads(loss_r, hidden, weight)):
+        assert rel_err(got, want) <= GRAD_TOL[torch.bfloat16]
 
 
 def test_tma_decision(monkeypatch):
@@ -160,11 +184,12 @@ def test_tma_forced_on_unaligned_rows_falls_back(monkeypatch):
     assert rel_err(out.logprobs, ref.logprobs) <= TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("logits_gemm", ["library", "triton"])
+@pytest.mark.parametrize("logits_gemm", ["library", "triton", "triton-fp16"])
 def test_gradient_chunks_keep_fp32_logits(logits_gemm, monkeypatch):
     """bf16 inputs with logits up to |z| ~ 20 at T 0.7: the log-prob (with entropy) and PPO
     gradients stay within 1e-2 of float64 (0.4-0.6% measured) because the gradient chunk's
-    logits are fp32; a bf16 chunk puts them 2-5% off (p inherits |z| / T 2^-9)."""
+    logits are fp32, or fp16 relative to each tile's maximum; a plain bf16 chunk puts them
+    2-5% off (p inherits |z| / T 2^-9)."""
     monkeypatch.setattr(triton_ops, "LOGITS_GEMM", logits_gemm)
     n = 64
     hidden, weight, targets = head_inputs(n, H, 517, torch.bfloat16, "cpu", seed=517, scale=4.0,

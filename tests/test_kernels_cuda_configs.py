@@ -117,15 +117,23 @@ def test_backward_with_cuda_row_block(vocab, dtype, logits_gemm, cuda_row_block,
 
 
 @pytest.mark.parametrize("cfg", triton_ops.CUDA_CONFIGS, ids=_config_id)
-def test_fp16_chunk_with_each_cuda_tile(cfg, cuda_row_block, monkeypatch):
-    """The 'triton-fp16' gradient chunk written by each autotuned tile with CUDA's offset
-    block (128 columns: a 256-wide tile fills two offset slots), then dz with CUDA's row
-    block: the PPO gradients against float64 at V 517 (a partial last slot)."""
+@pytest.mark.parametrize("logits_gemm", ["triton", "triton-fp16"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_gradient_chunk_from_each_cuda_tile(cfg, logits_gemm, tma, cuda_row_block, monkeypatch):
+    """The gradient chunk written by the forward kernel (STORE_Z: fp32, or fp16 with CUDA's
+    128-column offset block, which a 256-wide tile fills two slots of) for each autotuned
+    tile, with pointer loads and with tensor descriptors (Hopper's default for bf16), then
+    dz with CUDA's row block: the PPO gradients against float64 at V 517 (a partial last
+    tile and slot)."""
     m, v, d = cfg[:3]
     monkeypatch.setattr(triton_ops, "INTERPRETER_CONFIG",
                         dict(BLOCK_M=m, BLOCK_V=v, BLOCK_D=d, GROUP_M=8))
+    monkeypatch.setattr(triton_ops, "FORCE_TMA", tma)
+    made = []
+    real = triton_ops._descriptors
+    monkeypatch.setattr(triton_ops, "_descriptors", lambda *a: made.append(a) or real(*a))
     monkeypatch.setattr(triton_ops, "OFFSET_BLOCK", min(c[1] for c in triton_ops.CUDA_CONFIGS))
-    monkeypatch.setattr(triton_ops, "LOGITS_GEMM", "triton-fp16")
+    monkeypatch.setattr(triton_ops, "LOGITS_GEMM", logits_gemm)
     hidden, weight, targets = head_inputs(N, H, 517, torch.bfloat16, "cpu", seed=5, scale=3.0,
                                           ignore=(3, 131), requires_grad=True)
     gen = torch.Generator().manual_seed(2)
@@ -138,6 +146,7 @@ def test_fp16_chunk_with_each_cuda_tile(cfg, cuda_row_block, monkeypatch):
     assert rel_err(loss_t, loss_r) <= TOL[torch.bfloat16]
     for got, want in zip(grads(loss_t, hidden, weight), grads(loss_r, hidden, weight)):
         assert rel_err(got, want) <= GRAD_TOL[torch.bfloat16]
+    assert bool(made) == tma  # the chunk's launch took the loads under test
 
 
 def test_tma_decision(monkeypatch):

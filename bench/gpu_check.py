@@ -189,9 +189,9 @@ def compile_section(device, shape) -> list[dict]:
                 descs = (triton_ops._descriptors(hid[:k].reshape(-1, h), w,
                                                  dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd))
                          if tma else (None, None))
-                args, meta = forward_warmup_args(hid, w, y, vec, i32, i8, n, v, h, descs,
-                                                 *chunks[store_z][:1], k, epi, tma,
-                                                 off=chunks[store_z][1])
+                z, off = chunks[store_z]
+                args, meta = forward_warmup_args(hid, w, y, vec, i32, i8, n, v, h, descs, z, k,
+                                                 epi, tma, off=off)
                 c = tk.stacked_fwd_kernel.warmup(
                     *args, grid=(1,), **meta, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, GROUP_M=8,
                     num_warps=warps, num_stages=stages)

@@ -86,8 +86,15 @@ class _PPOLoss(torch.autograd.Function):
         # needs_input_grad ignores no_grad mode: a forward-only call computes no gradient
         grad_on = options["grad_enabled"]
         need_h, need_w = grad_on and ctx.needs_input_grad[0], grad_on and ctx.needs_input_grad[1]
-        lp, lse, ent, dh, dw = engine.head_forward_grad(
-            hidden, weight, y, valid, options["temperature"], want_entropy, coef, need_h, need_w)
+        if need_h or need_w:
+            lp, lse, ent, dh, dw = engine.head_forward_grad(
+                hidden, weight, y, valid, options["temperature"], want_entropy, coef, need_h, need_w)
+        else:  # no gradient (no_grad, evaluation): the log-prob forward, which reads each chunk
+            # fewer times than the gradient's statistics (CPU) or keeps no chunk at all (CUDA)
+            lp, lse, ent = engine.head_forward((hidden,), weight, y, valid, options["temperature"],
+                                               want_entropy)
+            lp, lse, ent = lp[0], lse[0], None if ent is None else ent[0]
+            dh = dw = None
         loss, _, stats = _math.ppo_token_terms(
             lp, old_logprobs, token_advantages, keep, clip_low=options["clip_low"],
             clip_high=options["clip_high"], normalizer=options["normalizer"],

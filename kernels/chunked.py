@@ -69,7 +69,7 @@ def dw_accumulation_dtype(weight_dtype: torch.dtype) -> torch.dtype:
                          f"'fp32' or 'weight', got {DW_ACCUMULATION!r}")
     if weight_dtype == torch.bfloat16 and DW_ACCUMULATION == "weight":
         return weight_dtype
-    return acc_dtype(weight_dtype) if weight_dtype in (torch.bfloat16, torch.float16) else weight_dtype
+    return acc_dtype(weight_dtype)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -446,13 +446,7 @@ def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_
     rows that contribute nothing). Per chunk: logits once, the exact softmax statistics,
     the coefficient, dz = coef (onehot - p) / T in place, dh = dz W, dW += dz^T h.
     lp, lse, entropy are [N] (acc dtype); dh, dW in the input dtypes.
-    A call that needs neither gradient (the loss under no_grad, e.g. evaluation) is the
-    log-prob forward (:func:`head_forward`: its in-place log-softmax reads the chunk
-    fewer times than the softmax and two maxima that the gradient needs).
     """
-    if not (need_h or need_w):
-        lp, lse, ent = head_forward((hidden,), weight, y, valid, temperature, with_entropy)
-        return lp[0], lse[0], None if ent is None else ent[0], None, None
     acc = acc_dtype(weight.dtype)
     n = y.shape[0]
     inv_temp = 1.0 / temperature

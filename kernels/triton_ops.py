@@ -47,6 +47,7 @@ from .triton_kernels import (distill_dz_kernel, distill_row_kernel, dz_kernel, r
 FORCE_NUM_SPLITS: int | None = None
 """Tests set this to exercise the multi-split (atomic ticket) path of the forward kernel."""
 
+
 def _env_mib(name: str, default: int) -> int:
     """A positive whole number of MiB from the environment, in bytes (a named error else)."""
     raw = os.environ.get(name, str(default))
@@ -369,7 +370,7 @@ def _dz(chunk, y, lse, a, b, c, temperature, scale, dtype):
     r, vocab = z.shape
     if z.dtype == dtype:
         dz = z
-    elif z.element_size() == torch.empty((), dtype=dtype).element_size():
+    elif z.element_size() == dtype.itemsize:
         dz = z.view(dtype)  # same bytes, reinterpreted: each element read, then written
     else:
         dz = torch.empty(r, vocab, dtype=dtype, device=z.device)
@@ -394,12 +395,8 @@ def _products(dz, head, r0, r1, scale, dh, dw32):
 
 def head_forward_grad(hidden, weight, y, valid, temperature, with_entropy, coef_fn,
                       need_h, need_w):
-    """Engine API (see chunked.head_forward_grad): three products per row chunk; a call
-    that needs no gradient is the one-launch forward (no logits chunk in memory)."""
+    """Engine API (see chunked.head_forward_grad): three products per row chunk."""
     _check_dtype(weight.dtype)
-    if not (need_h or need_w):
-        lp, lse, ent = head_forward((hidden,), weight, y, valid, temperature, with_entropy)
-        return lp[0], lse[0], None if ent is None else ent[0], None, None
     n, vocab = y.shape[0], weight.shape[0]
     dev = weight.device
     head = chunked._Head(_row_major(hidden), _row_major(weight))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cepo_kernels import backend
 
@@ -57,3 +58,24 @@ def head_inputs(n, h, v, dtype, device, *, seed=0, scale=1.0, ignore=(), require
 def grads(loss, *tensors):
     """Gradients of loss w.r.t. tensors (leaves), as a list."""
     return list(torch.autograd.grad(loss, tensors))
+
+
+aten = torch.ops.aten
+FACTORIES = {aten.zeros, aten.empty, aten.full, aten.zeros_like, aten.empty_like,
+             aten.full_like, aten.new_zeros, aten.new_empty, aten.new_full, aten.empty_strided}
+
+
+class BuffersMade(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor allocated by a factory (zeros, empty, ...):
+    the engines' buffers, not the temporaries of arithmetic (the Triton engine's CPU
+    stand-in for the fp32-output GEMM upcasts the weight per chunk, a test-only path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in FACTORIES and isinstance(out, torch.Tensor):
+            self.made.add((tuple(out.shape), out.dtype))
+        return out

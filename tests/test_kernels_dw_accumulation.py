@@ -3,34 +3,12 @@ gradient itself ('weight': no fp32 [V, H] buffer, one rounding per row chunk).""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cepo_kernels as ck
 from cepo_kernels import chunked, reference, triton_ops
-from kernel_cases import ENGINES, GRAD_TOL, head_inputs, rel_err
+from kernel_cases import ENGINES, GRAD_TOL, BuffersMade, head_inputs, rel_err
 
 N, H, V = 67, 24, 211  # 67 rows in chunks of 4 (17 chunks: 17 roundings in 'weight')
-
-
-aten = torch.ops.aten
-FACTORIES = {aten.zeros, aten.empty, aten.full, aten.zeros_like, aten.empty_like,
-             aten.full_like, aten.new_zeros, aten.new_empty, aten.new_full, aten.empty_strided}
-
-
-class BuffersMade(TorchDispatchMode):
-    """Records (shape, dtype) of every tensor allocated by a factory (zeros, empty, ...):
-    the engines' buffers, not the temporaries of arithmetic (the Triton engine's CPU
-    stand-in for the fp32-output GEMM upcasts the weight per chunk, a test-only path)."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in FACTORIES and isinstance(out, torch.Tensor):
-            self.made.add((tuple(out.shape), out.dtype))
-        return out
 
 
 @pytest.fixture

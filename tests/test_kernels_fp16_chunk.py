@@ -4,11 +4,10 @@ the fp32 chunk."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cepo_kernels as ck
 from cepo_kernels import backend, reference, triton_ops
-from kernel_cases import GRAD_TOL, TOL, grads, head_inputs, rel_err
+from kernel_cases import GRAD_TOL, TOL, BuffersMade, grads, head_inputs, rel_err
 
 pytestmark = pytest.mark.skipif(not (backend.triton_available() and backend.interpreting()),
                                 reason="needs triton and TRITON_INTERPRET=1")
@@ -84,20 +83,6 @@ def test_fp16_chunk_with_extreme_logits(scale, monkeypatch):
     for got, want in zip(g16, grads(ref_lp, h64, w64) + grads(ref_ppo, h64, w64)):
         assert torch.isfinite(got).all()
         assert rel_err(got, want) <= GRAD_TOL[torch.bfloat16]
-
-
-class BuffersMade(TorchDispatchMode):
-    """(shape, dtype) of every tensor allocated by torch.empty (the engine's buffers)."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket is torch.ops.aten.empty and isinstance(out, torch.Tensor):
-            self.made.append((tuple(out.shape), out.dtype))
-        return out
 
 
 def test_fp16_chunk_buffers(monkeypatch):

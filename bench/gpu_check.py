@@ -7,7 +7,8 @@ Sections (each recorded even when another fails):
 
 1. compile: every Triton kernel at the target shapes (each forward autotune config for
    one and three contexts, the latter also with tensor-descriptor (TMA) loads, the
-   row-statistics and dz kernels for bf16 / fp16 tiles):
+   row-statistics and dz kernels for bf16 / fp16 tiles, the self-distillation kernels on
+   fp32 chunks and on fp16 chunks with offsets):
    registers, spills, shared memory, and whether the PTX holds wgmma (Hopper MMA) and
    cp.async.bulk.tensor (TMA) instructions.
 2. correctness on CUDA against the float64 reference at odd sizes (N 333, V 1037, H 96,
@@ -16,7 +17,8 @@ Sections (each recorded even when another fails):
    bf16 / fp16 inputs and gradients, the PPO loss (also with dual clip and token weights),
    the self-distillation loss (JSD, forward and reverse KL, token weights) and the evidence
    epilogue; the 16-bit forward with TMA forced off too (on by default on Hopper), the
-   log-prob and PPO gradients with the chunk logits from our GEMM too; and one head
+   log-prob, PPO and self-distillation gradients with the chunk logits from our GEMM too
+   (fp32, and fp16 with tile offsets); and one head
    with V x H > 2^31 elements (int64 offsets), checked against fp32 row chunks.
 3. timing at the target shapes (bf16, N 16k per context, H 2048, V 151,936): ours, the
    bare products, naive, Cut Cross-Entropy and Liger, through the benchmark harness
@@ -26,7 +28,8 @@ Sections (each recorded even when another fails):
    pointer loads (TMA off), and the PPO loss with its gradient chunks' logits from the
    library GEMM against our forward kernel (``triton_ops.LOGITS_GEMM``) and against the
    memory-lean gradient path (``chunked.DW_ACCUMULATION = 'weight'``, 512 MiB chunks),
-   each with its time and peak extra memory.
+   and the self-distillation loss with its two chunks from each source, each with its time
+   and peak extra memory.
 4. sampler: the Hugging Face engine's lean decoding steps (cepo/sampler/lean_decoder.py)
    on this device: their logits against the model's forward at every step (random
    Qwen3-0.6B shape, 2 layers, fp32 and bf16, rows dropped mid-way), then one generate
@@ -224,6 +227,39 @@ def compile_section(device, shape) -> list[dict]:
     except Exception as e:  # noqa: BLE001
         rows.append(dict(kernel="dz (fp16 chunk + offsets)", status="error",
                          note=f"{type(e).__name__}: {str(e)[:300]}"))
+    rows.extend(_distill_compiles(tk, z, chunks["fp16"], vec, v, cfg))
+    return rows
+
+
+def distill_warmups(tk, z, fp16_chunk, vec, v) -> list[tuple]:
+    """(name, kernel, positional args, constexprs) of the self-distillation kernels to
+    compile (the JSD, whose tiles do the most work): on fp32 chunks with bf16 dz, and on
+    fp16 chunks with offsets, dz in place (tests bind them to the kernels' signatures)."""
+    z16, off = fp16_chunk
+    dz = torch.empty(z.shape, dtype=torch.bfloat16, device=z.device)
+    consts = (4096, v, 1.0, 0.5, math.log(0.5), math.log(0.5))
+    out = []
+    for label, zs, dz_out, offsets in (
+            ("fp32 chunks", z, dz, {}),
+            ("fp16 chunks + offsets", z16, z16.view(torch.bfloat16),
+             dict(off_s_ptr=off, stride_off_s=off.shape[1], off_t_ptr=off,
+                  stride_off_t=off.shape[1], HAS_OFFSET=True, OFF_BLOCK=OFFSET_BLOCK))):
+        out.append((f"distill_row (JSD, {label})", tk.distill_row_kernel,
+                    (zs, v, zs, v, vec, vec, vec, vec, *consts), dict(KIND=2, **offsets)))
+        out.append((f"distill_dz (JSD, {label})", tk.distill_dz_kernel,
+                    (zs, v, zs, v, dz_out, v, vec, vec, vec, vec, vec, *consts),
+                    dict(KIND=2, **offsets)))
+    return out
+
+
+def _distill_compiles(tk, z, fp16_chunk, vec, v, cfg) -> list[dict]:
+    rows = []
+    for name, kernel, args, meta in distill_warmups(tk, z, fp16_chunk, vec, v):
+        try:
+            c = kernel.warmup(*args, grid=(1,), **meta, **cfg)
+            rows.append(dict(kernel=name, status="ok", **_kernel_facts(c)))
+        except Exception as e:  # noqa: BLE001 - recorded
+            rows.append(dict(kernel=name, status="error", note=f"{type(e).__name__}: {str(e)[:300]}"))
     return rows
 
 
@@ -268,6 +304,8 @@ def correctness_cases(dry_run: bool) -> list[dict]:
         for source in ("triton", "triton-fp16") if dt != "fp32" else ("triton",):
             cases.append(dict(op="logprobs", dtype=dt, splits=None, logits_gemm=source))
             cases.append(dict(op="ppo_loss", dtype=dt, splits=None, logits_gemm=source))
+            cases.append(dict(op="self_distill", dtype=dt, splits=None, divergence="jsd",
+                              logits_gemm=source))
     return cases
 
 
@@ -413,7 +451,7 @@ def timing_section(device, shape, ops, budget_s, skip=()) -> list[dict]:
         rows = _time_ops(device, shape, ops, budget_s, dtype, started, C, run_point)
     finally:
         C.CONTENDERS.update(saved)
-    for op in ("evidence", "ppo_loss"):
+    for op in VARIANTS:
         if op not in ops:
             continue
         if time.perf_counter() - started > budget_s + VARIANT_SECONDS:
@@ -424,8 +462,8 @@ def timing_section(device, shape, ops, budget_s, skip=()) -> list[dict]:
     return rows
 
 
-VARIANT_SECONDS = 50.0
-"""About what the engine variants take at the target shape (two ops, six settings in all,
+VARIANT_SECONDS = 65.0
+"""About what the engine variants take at the target shape (three ops, nine settings in all,
 a compile, a peak-memory call and a quarter-second do_bench per setting): the timing
 budget covers them, so they still run when the contenders used the whole budget, but not
 beyond it."""
@@ -440,10 +478,14 @@ VARIANTS = {  # op -> (label, ((module in cepo_kernels, setting, value), ...)); 
                   (("triton_ops", "LOGITS_GEMM", "triton-fp16"),)),
                  ("ours, lean memory: bf16 dW, 512 MiB chunks",
                   (("chunked", "DW_ACCUMULATION", "weight"), ("triton_ops", "GPU_CHUNK_BYTES", 512 << 20)))),
+    "self_distill": (("ours, chunk logits: library GEMM", (("triton_ops", "LOGITS_GEMM", "library"),)),
+                     ("ours, chunk logits: our GEMM (STORE_Z)", (("triton_ops", "LOGITS_GEMM", "triton"),)),
+                     ("ours, chunk logits: our GEMM, fp16 + tile offsets",
+                      (("triton_ops", "LOGITS_GEMM", "triton-fp16"),))),
 }
 """Engine choices that only a GPU can settle, timed against each other at the timing shape
 (bf16), with their peak extra memory: the forward's tile loads, where the gradient chunks'
-logits come from, and the memory-lean gradient path (dW accumulated in the bf16 gradient,
+logits come from (the PPO loss's and the self-distillation loss's), and the memory-lean gradient path (dW accumulated in the bf16 gradient,
 a quarter of the chunk budget: no 1.24 GB fp32 accumulator at V 151,936, H 2048) that the
 issue's 2%-of-naive memory target needs."""
 
@@ -467,7 +509,7 @@ def engine_settings(settings):
 
 
 def variant_timing(device, shape, op) -> list[dict]:
-    """``op`` (evidence | ppo_loss, bf16) under each of its VARIANTS: time and peak extra
+    """``op`` (evidence | ppo_loss | self_distill, bf16) under each of its VARIANTS: time and peak extra
     memory; every row after the first notes its time ratio to the first."""
     if device.type != "cuda":
         return [dict(op=op, contender="ours, engine variants", status="skipped",

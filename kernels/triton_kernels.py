@@ -268,6 +268,20 @@ def row_stats_kernel(z_ptr, stride_z, y_ptr, lp_ptr, lse_ptr, ent_ptr, R, V, inv
         tl.store(ent_ptr + rows, lse - t / s, mask=row_ok)
 
 
+@triton.jit
+def _load_logits(z_ptr, stride_z, rows, cols, ok, off_ptr, stride_off, HAS_OFFSET: tl.constexpr,
+                 OFF_BLOCK: tl.constexpr):
+    """A [rows, cols] tile of a logits chunk in fp32: z itself, or (HAS_OFFSET) the fp16
+    z - off plus its fp32 offset, one per row and OFF_BLOCK columns (``stacked_fwd_kernel``'s
+    Z_OFFSET)."""
+    z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        z += tl.load(off_ptr + rows.to(tl.int64)[:, None] * stride_off + (cols // OFF_BLOCK)[None, :],
+                     mask=ok, other=0.0)
+    return z
+
+
 @triton.jit(do_not_specialize=["R"])
 def dz_kernel(z_ptr, stride_z, dz_ptr, stride_dz, y_ptr, lse_ptr, a_ptr, b_ptr, c_ptr, scale_ptr,
               R, V, inv_temp, HAS_C: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -286,15 +300,11 @@ def dz_kernel(z_ptr, stride_z, dz_ptr, stride_dz, y_ptr, lse_ptr, a_ptr, b_ptr, 
     row_ok = rows < R
     col_ok = cols < V
     ok = row_ok[:, None] & col_ok[None, :]
-    z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=ok, other=0.0)
+    z = _load_logits(z_ptr, stride_z, rows, cols, ok, off_ptr, stride_off, HAS_OFFSET, OFF_BLOCK)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     b = tl.load(b_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-    z = z.to(tl.float32)
-    if HAS_OFFSET:
-        z += tl.load(off_ptr + rows.to(tl.int64)[:, None] * stride_off + (cols // OFF_BLOCK)[None, :],
-                     mask=ok, other=0.0)
     log_p = z * inv_temp - lse[:, None]
     p = tl.exp(log_p)
     if HAS_C:
@@ -330,22 +340,25 @@ def _distill_logs(zs, zt, lse_s, lse_t, inv_temp, log_beta, log_1mbeta, KIND: tl
 @triton.jit(do_not_specialize=["R"])
 def distill_row_kernel(zs_ptr, stride_s, zt_ptr, stride_t, lse_s_ptr, lse_t_ptr, d_ptr, k_ptr,
                        R, V, inv_temp, beta, log_beta, log_1mbeta, KIND: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Per row of the student / teacher logits chunks (fp32 [R, V]): the divergence D and,
-    for the JSD, K = KL(q || m) (the gradient needs it); K = D for the two KLs."""
+                       BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                       off_s_ptr=None, stride_off_s=0, off_t_ptr=None, stride_off_t=0,
+                       HAS_OFFSET: tl.constexpr = False, OFF_BLOCK: tl.constexpr = 1):
+    """Per row of the student / teacher logits chunks (fp32 [R, V], or HAS_OFFSET: fp16
+    with tile offsets, as ``dz_kernel``): the divergence D and, for the JSD, K = KL(q || m)
+    (the gradient needs it); K = D for the two KLs."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
     acc_p = tl.zeros([BLOCK_R], tl.float32)
     acc_q = tl.zeros([BLOCK_R], tl.float32)
-    base_s = zs_ptr + rows.to(tl.int64)[:, None] * stride_s
-    base_t = zt_ptr + rows.to(tl.int64)[:, None] * stride_t
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols < V)[None, :]
-        zs = tl.load(base_s + cols[None, :], mask=ok, other=0.0)
-        zt = tl.load(base_t + cols[None, :], mask=ok, other=0.0)
+        zs = _load_logits(zs_ptr, stride_s, rows, cols, ok, off_s_ptr, stride_off_s, HAS_OFFSET,
+                          OFF_BLOCK)
+        zt = _load_logits(zt_ptr, stride_t, rows, cols, ok, off_t_ptr, stride_off_t, HAS_OFFSET,
+                          OFF_BLOCK)
         lq, lp, lm = _distill_logs(zs, zt, lse_s, lse_t, inv_temp, log_beta, log_1mbeta, KIND)
         if KIND == 0:
             acc_p += tl.sum(tl.where(ok, tl.exp(lp) * (lp - lq), 0.0), axis=1)
@@ -370,8 +383,12 @@ def distill_row_kernel(zs_ptr, stride_s, zt_ptr, stride_t, lse_s_ptr, lse_t_ptr,
 @triton.jit(do_not_specialize=["R"])
 def distill_dz_kernel(zs_ptr, stride_s, zt_ptr, stride_t, dz_ptr, stride_dz, lse_s_ptr, lse_t_ptr,
                       d_ptr, k_ptr, coef_ptr, R, V, inv_temp, beta, log_beta, log_1mbeta,
-                      KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """dz = coef dD/du, stored in dz's dtype (dz may alias the student chunk: fp32, in place).
+                      KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                      off_s_ptr=None, stride_off_s=0, off_t_ptr=None, stride_off_t=0,
+                      HAS_OFFSET: tl.constexpr = False, OFF_BLOCK: tl.constexpr = 1):
+    """dz = coef dD/du, stored in dz's dtype. dz may alias the student chunk (in place: each
+    element read, then written, by one program): an fp32 chunk for fp32 dz, the fp16 chunk
+    (HAS_OFFSET, as ``dz_kernel``) for bf16 dz.
 
     forward KL: q - p; reverse KL: q (log q - log p - D); JSD: (1 - beta) q (log q - log m - K).
     coef [R] already carries 1/T and the row's weight / normalizer (0 for dropped rows).
@@ -380,8 +397,10 @@ def distill_dz_kernel(zs_ptr, stride_s, zt_ptr, stride_t, dz_ptr, stride_dz, lse
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < R
     ok = row_ok[:, None] & (cols < V)[None, :]
-    zs = tl.load(zs_ptr + rows.to(tl.int64)[:, None] * stride_s + cols[None, :], mask=ok, other=0.0)
-    zt = tl.load(zt_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=ok, other=0.0)
+    zs = _load_logits(zs_ptr, stride_s, rows, cols, ok, off_s_ptr, stride_off_s, HAS_OFFSET,
+                      OFF_BLOCK)
+    zt = _load_logits(zt_ptr, stride_t, rows, cols, ok, off_t_ptr, stride_off_t, HAS_OFFSET,
+                      OFF_BLOCK)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)

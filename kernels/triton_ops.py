@@ -363,17 +363,23 @@ def _row_stats(z, y_raw, temperature, with_entropy):
     return lp, lse, (ent if with_entropy else None)
 
 
+def _dz_buffer(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where dz [rows, V] in dtype goes: in place in the chunk z when their elements have
+    the same size (an fp32 chunk for fp32 dz, the fp16 chunk for bf16 dz; each element is
+    read, then written, by the same program), else a new buffer."""
+    if z.dtype == dtype:
+        return z
+    if z.element_size() == dtype.itemsize:
+        return z.view(dtype)
+    return torch.empty(z.shape, dtype=dtype, device=z.device)
+
+
 def _dz(chunk, y, lse, a, b, c, temperature, scale, dtype):
     """dz [rows, V] in dtype (in place in the chunk's z when its elements have dtype's
     size: an fp32 chunk for fp32, the fp16 chunk for bf16 / fp16); a, b, c carry 1/T."""
     z = chunk.z
     r, vocab = z.shape
-    if z.dtype == dtype:
-        dz = z
-    elif z.element_size() == dtype.itemsize:
-        dz = z.view(dtype)  # same bytes, reinterpreted: each element read, then written
-    else:
-        dz = torch.empty(r, vocab, dtype=dtype, device=z.device)
+    dz = _dz_buffer(z, dtype)
     cfg = _row_cfg(z.device)
     grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
     offset = chunk.off is not None
@@ -463,23 +469,45 @@ def _distill_consts(kind, beta):
     return code, float(beta), math.log(beta), math.log1p(-beta)
 
 
+def _distill_chunk_rows(n, vocab, device, source, dz_dtype) -> int:
+    """Rows per self-distillation chunk: the CUDA budget holds the student's and the
+    teacher's chunks (fp32, or fp16 with offsets for 'triton-fp16') and dz where it cannot
+    be written in place (dz_dtype None: no gradient)."""
+    if device.type != "cuda":
+        return chunked.rows_per_chunk(n, vocab)
+    z_bytes = 2 if source == "triton-fp16" else 4
+    dz_bytes = 0 if dz_dtype is None or dz_dtype.itemsize == z_bytes else dz_dtype.itemsize
+    return max(1, min(n, GPU_CHUNK_BYTES // ((2 * z_bytes + dz_bytes) * max(1, vocab))))
+
+
+def _offset_args(student: _Chunk, teacher: _Chunk, dummy: torch.Tensor) -> dict:
+    """The distillation kernels' offset arguments for a pair of chunks."""
+    if student.off is None:
+        return dict(off_s_ptr=dummy, stride_off_s=0, off_t_ptr=dummy, stride_off_t=0,
+                    HAS_OFFSET=False, OFF_BLOCK=1)
+    return dict(off_s_ptr=student.off, stride_off_s=student.off.stride(0), off_t_ptr=teacher.off,
+                stride_off_t=teacher.off.stride(0), HAS_OFFSET=True, OFF_BLOCK=student.block)
+
+
 def head_distill_grad(h_student, h_teacher, weight, y, keep, temperature, kind, beta, coef,
                       need_h, need_w):
     """Engine API (see chunked.head_distill_grad): four products per row chunk.
 
     The divergence needs both distributions element by element (log m = log(beta p +
     (1 - beta) q)), which the K-context forward kernel, reducing each context on its own,
-    cannot give. So per row chunk: the student's and the teacher's logits from the library
-    GEMM (fp32 output), ``row_stats_kernel`` on each (log-prob, logsumexp, entropy),
-    ``distill_row_kernel`` (D, and KL(q || m) for the JSD), ``distill_dz_kernel`` (dz in
-    the compute dtype; in place in the student chunk where that is fp32), then dh = dz W
-    and dW += dz^T h as library GEMMs. No atomics, no host sync.
+    cannot give. So per row chunk: the student's and the teacher's logits with their
+    log-prob, logsumexp and entropy (``_chunk_stats``: the library GEMM and
+    ``row_stats_kernel``, or our forward kernel, fp32 or fp16 with tile offsets, as
+    ``LOGITS_GEMM`` says), ``distill_row_kernel`` (D, and KL(q || m) for the JSD),
+    ``distill_dz_kernel`` (dz in the compute dtype; in place in the student chunk where
+    their elements have one size), then dh = dz W and dW += dz^T h as library GEMMs. No
+    atomics, no host sync.
     """
     _check_dtype(weight.dtype)
     n, vocab = y.shape[0], weight.shape[0]
     dev = weight.device
     head = chunked._Head(_row_major(h_student), _row_major(weight))
-    h_t = _row_major(h_teacher if h_teacher.dtype == head.dtype else h_teacher.to(head.dtype))
+    teacher = chunked._Head(_row_major(h_teacher), head.w)
     inv_temp = 1.0 / temperature
     code, beta_f, log_beta, log_1mbeta = _distill_consts(kind, beta)
     f32 = dict(dtype=torch.float32, device=dev)
@@ -488,29 +516,31 @@ def head_distill_grad(h_student, h_teacher, weight, y, keep, temperature, kind, 
     want_grad = dh is not None or dw32 is not None
     coef = (coef.float() * inv_temp).contiguous()
     y_ids = y.contiguous()  # valid ids (0 for ignored rows: their log-prob is masked by the caller)
-    rows = _chunk_rows(n, vocab, dev) if dev.type != "cuda" else max(
-        1, min(n, GPU_CHUNK_BYTES // (3 * 4 * max(1, vocab))))  # two fp32 chunks and dz
+    source = logits_source(head.dtype)
+    # dz in bf16 for bf16 heads; fp32 for fp32, and for fp16 before its scale (found from
+    # dz itself: the divergence's gradient has no bound known beforehand)
+    dz_dtype = head.dtype if head.dtype == torch.bfloat16 else torch.float32
+    rows = _distill_chunk_rows(n, vocab, dev, source, dz_dtype if want_grad else None)
     cfg = _row_cfg(dev)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         r = r1 - r0
-        zs = _logits_chunk(head.h[r0:r1], head.w)
-        zt = _logits_chunk(h_t[r0:r1], head.w)
-        lp_c, lse_s, ent_c = _row_stats(zs, y_ids[r0:r1], temperature, True)
-        _, lse_t, _ = _row_stats(zt, y_ids[r0:r1], temperature, False)
+        zs, lp_c, lse_s, ent_c = _chunk_stats(head, r0, r1, y_ids, temperature, True, source)
+        zt, _, lse_t, _ = _chunk_stats(teacher, r0, r1, y_ids, temperature, False, source)
+        offsets = _offset_args(zs, zt, lse_s)
         lp[r0:r1], ent[r0:r1] = lp_c, ent_c
         d_c, k_c = torch.empty(r, **f32), torch.empty(r, **f32)
         distill_row_kernel[(triton.cdiv(r, cfg["BLOCK_R"]),)](
-            zs, zs.stride(0), zt, zt.stride(0), lse_s, lse_t, d_c, k_c, r, vocab, inv_temp,
-            beta_f, log_beta, log_1mbeta, KIND=code, **cfg)
+            zs.z, zs.z.stride(0), zt.z, zt.z.stride(0), lse_s, lse_t, d_c, k_c, r, vocab, inv_temp,
+            beta_f, log_beta, log_1mbeta, KIND=code, **cfg, **offsets)
         div[r0:r1] = torch.where(keep[r0:r1], d_c, torch.zeros_like(d_c))
         if not want_grad:
             continue
-        out_dtype = head.dtype if head.dtype == torch.bfloat16 else torch.float32
-        dz = zs if out_dtype == torch.float32 else torch.empty(r, vocab, dtype=out_dtype, device=dev)
+        dz = _dz_buffer(zs.z, dz_dtype)
         distill_dz_kernel[(triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(vocab, cfg["BLOCK_V"]))](
-            zs, zs.stride(0), zt, zt.stride(0), dz, dz.stride(0), lse_s, lse_t, d_c, k_c,
-            coef[r0:r1], r, vocab, inv_temp, beta_f, log_beta, log_1mbeta, KIND=code, **cfg)
+            zs.z, zs.z.stride(0), zt.z, zt.z.stride(0), dz, dz.stride(0), lse_s, lse_t, d_c, k_c,
+            coef[r0:r1], r, vocab, inv_temp, beta_f, log_beta, log_1mbeta, KIND=code, **cfg,
+            **offsets)
         del zt
         scale = chunked.fp16_tile_scale(dz, head.dtype)
         if scale is not None:  # fp16: the fp32 dz scaled to ~1, then rounded to fp16

@@ -72,10 +72,10 @@ class BuffersMade(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.made = set()
+        self.made = []  # in order, repeats kept (how many chunks of a kind)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in FACTORIES and isinstance(out, torch.Tensor):
-            self.made.add((tuple(out.shape), out.dtype))
+            self.made.append((tuple(out.shape), out.dtype))
         return out

@@ -88,7 +88,11 @@ def test_dry_run_end_to_end(gpu_check, tmp_path):
             ("logprobs", "bf16"), ("evidence", "bf16")}
         assert {(r["op"], r["dtype"]) for r in corr
                 if r["backend"] == "triton, chunk logits: triton"} == {
-            ("logprobs", "bf16"), ("logprobs", "fp32"), ("ppo_loss", "bf16"), ("ppo_loss", "fp32")}
+            ("logprobs", "bf16"), ("logprobs", "fp32"), ("ppo_loss", "bf16"), ("ppo_loss", "fp32"),
+            ("self_distill", "bf16"), ("self_distill", "fp32")}
+        assert {(r["op"], r["dtype"]) for r in corr
+                if r["backend"] == "triton, chunk logits: triton-fp16"} == {
+            ("logprobs", "bf16"), ("ppo_loss", "bf16"), ("self_distill", "bf16")}
     sampler = report["sampler"]
     assert [r["status"] for r in sampler] == ["ok"] * 4, sampler
     assert sampler[0]["worst"] <= 1e-5 and sampler[2]["same_tokens"] and sampler[2]["seconds"] > 0
@@ -131,7 +135,30 @@ def test_forward_warmup_args_bind_to_the_kernel(gpu_check):
             assert bound["stride_off"] == 4 and bound["OFF_BLOCK"] == gpu_check.OFFSET_BLOCK
 
 
-@pytest.mark.parametrize("op", ["evidence", "ppo_loss"])
+def test_distill_warmup_args_bind_to_the_kernels(gpu_check):
+    """Section 1's self-distillation compiles: arguments bind to each kernel's signature,
+    the fp16 chunks with their offsets and dz in their own bytes."""
+    import inspect
+    from cepo_kernels import triton_kernels as tk
+    z, vec = torch.empty(16, 512), torch.empty(16)
+    z16, off = torch.empty(16, 512, dtype=torch.float16), torch.empty(16, 4)
+    warmups = gpu_check.distill_warmups(tk, z, (z16, off), vec, 512)
+    assert len(warmups) == 4
+    for name, kernel, args, meta in warmups:
+        sig = inspect.signature(getattr(kernel, "fn", kernel))
+        bound = sig.bind(*args, **meta, BLOCK_R=4, BLOCK_V=1024).arguments
+        assert bound["KIND"] == 2 and bound["V"] == 512 and bound["R"] == 4096
+        fp16 = "fp16" in name
+        assert (bound["zs_ptr"] is z16) == fp16 and bound.get("HAS_OFFSET", False) == fp16
+        if fp16:
+            assert bound["off_s_ptr"] is off and bound["stride_off_s"] == 4
+            assert bound["OFF_BLOCK"] == gpu_check.OFFSET_BLOCK
+        if "dz" in name:
+            assert bound["dz_ptr"].dtype == torch.bfloat16
+            assert (bound["dz_ptr"].data_ptr() == z16.data_ptr()) == fp16
+
+
+@pytest.mark.parametrize("op", ["evidence", "ppo_loss", "self_distill"])
 def test_engine_variants_apply_restore_and_agree(gpu_check, op):
     """Every VARIANTS setting names a real engine setting, is restored afterwards, and the
     op under it gives the default's result (on CPU: the chunked engine, and the Triton
@@ -150,9 +177,13 @@ def test_engine_variants_apply_restore_and_agree(gpu_check, op):
                                               inp.targets, inp.advantages, inp.has_negative,
                                               lam=0.5, eps_w=0.2, backend=engine)
                 return [out.lp_policy, out.lp_pos, out.lp_neg, out.token_advantages]
-            loss, _ = ck.fused_linear_ppo_loss(inp.hidden, inp.weight, inp.targets,
-                                               inp.old_logprobs, inp.advantages, inp.mask,
-                                               backend=engine)
+            if op == "self_distill":
+                loss, _ = ck.fused_linear_self_distill_loss(inp.hidden, inp.h_teacher, inp.weight,
+                                                            inp.targets, inp.mask, backend=engine)
+            else:
+                loss, _ = ck.fused_linear_ppo_loss(inp.hidden, inp.weight, inp.targets,
+                                                   inp.old_logprobs, inp.advantages, inp.mask,
+                                                   backend=engine)
             return [loss, *torch.autograd.grad(loss, (inp.hidden, inp.weight))]
 
         outs = []

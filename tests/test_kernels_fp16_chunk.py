@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import cepo_kernels as ck
-from cepo_kernels import backend, reference, triton_ops
+from cepo_kernels import backend, chunked, reference, triton_ops
 from kernel_cases import GRAD_TOL, TOL, BuffersMade, grads, head_inputs, rel_err
+from test_kernels_self_distill import distill_inputs
 
 pytestmark = pytest.mark.skipif(not (backend.triton_available() and backend.interpreting()),
                                 reason="needs triton and TRITON_INTERPRET=1")
@@ -83,6 +84,79 @@ def test_fp16_chunk_with_extreme_logits(scale, monkeypatch):
     for got, want in zip(g16, grads(ref_lp, h64, w64) + grads(ref_ppo, h64, w64)):
         assert torch.isfinite(got).all()
         assert rel_err(got, want) <= GRAD_TOL[torch.bfloat16]
+
+
+def _distill(source, inputs, kw, monkeypatch):
+    hs, ht, weight, targets, mask, _ = inputs
+    if source is None:
+        h64 = hs.detach().double().requires_grad_()
+        w64 = weight.detach().double().requires_grad_()
+        loss, _ = reference.fused_linear_self_distill_loss(h64, ht.detach().double(), w64, targets,
+                                                           mask, **kw)
+        return loss, grads(loss, h64, w64)
+    monkeypatch.setattr(triton_ops, "LOGITS_GEMM", source)
+    loss, _ = ck.fused_linear_self_distill_loss(hs, ht, weight, targets, mask, backend="triton", **kw)
+    return loss.detach(), grads(loss, hs, weight)
+
+
+@pytest.mark.parametrize("dtype,divergence,off_block", [
+    pytest.param(torch.bfloat16, "jsd", 16, id="bf16-jsd-two-slots-a-tile"),
+    pytest.param(torch.bfloat16, "reverse_kl", None, id="bf16-reverse-kl"),
+    pytest.param(torch.float16, "forward_kl", None, id="fp16-forward-kl"),
+    pytest.param(torch.float32, "jsd", None, id="fp32-keeps-the-fp32-chunk"),
+])
+def test_fp16_chunk_self_distill(dtype, divergence, off_block, monkeypatch):
+    """The self-distillation loss with the student's and the teacher's chunks from our
+    forward kernel, fp32 ('triton') and fp16 plus offsets ('triton-fp16', bf16 dz in place),
+    over five row chunks, T 0.7, token weights, masked and ignored rows: loss and gradients
+    within the tolerance of float64, the fp16 chunks within 2e-3 of the fp32 chunks' (fp32
+    heads keep the fp32 chunk: equal)."""
+    monkeypatch.setattr(chunked, "FP16_COMPUTE_ON_CPU", True)  # fp16 products, as on CUDA
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 8 * V)  # 8 rows a chunk
+    monkeypatch.setattr(triton_ops, "OFFSET_BLOCK", off_block)
+    inputs = distill_inputs(37, H, V, dtype, "cpu", seed=3)
+    kw = dict(divergence=divergence, beta=0.3, temperature=0.7, token_weights=inputs[5])
+    ref_loss, g_ref = _distill(None, inputs, kw, monkeypatch)
+    loss32, g32 = _distill("triton", inputs, kw, monkeypatch)
+    loss16, g16 = _distill("triton-fp16", inputs, kw, monkeypatch)
+    for loss in (loss32, loss16):
+        assert rel_err(loss, ref_loss) <= TOL[dtype]
+    for got, fp32_chunk, want in zip(g16, g32, g_ref):
+        assert got.dtype == dtype
+        assert rel_err(fp32_chunk, want) <= GRAD_TOL[dtype]
+        assert rel_err(got, want) <= GRAD_TOL[dtype]
+        if dtype == torch.float32:
+            assert torch.equal(got, fp32_chunk)
+        else:
+            assert rel_err(got, fp32_chunk) <= 2e-3
+
+
+def test_fp16_chunk_self_distill_buffers(monkeypatch):
+    """bf16 self-distillation under 'triton-fp16': two fp16 chunks plus offsets, dz written
+    in the student's chunk (no bf16 [rows, V] buffer), never an fp32 [rows, V] chunk."""
+    monkeypatch.setattr(triton_ops, "LOGITS_GEMM", "triton-fp16")
+    hs, ht, weight, targets, mask, _ = distill_inputs(20, H, V, torch.bfloat16, "cpu")
+    with BuffersMade() as rec:
+        loss, _ = ck.fused_linear_self_distill_loss(hs, ht, weight, targets, mask, backend="triton")
+        torch.autograd.grad(loss, [hs, weight])
+    assert rec.made.count(((20, V), torch.float16)) == 2  # student and teacher
+    assert ((20, -(-V // 32)), torch.float32) in rec.made
+    assert ((20, V), torch.float32) not in rec.made
+    assert ((20, V), torch.bfloat16) not in rec.made
+
+
+def test_self_distill_rows_on_cuda():
+    """The CUDA budget per self-distillation logit: two chunks, plus dz where it cannot be
+    written in place (bf16 dz in an fp32 chunk; fp16's fp32 dz before its scale)."""
+    cuda = torch.device("cuda", 0)
+    vocab, n = 151_936, 1 << 20
+    budget = triton_ops.GPU_CHUNK_BYTES
+    for source, dz_dtype, per_logit in [("library", torch.bfloat16, 10), ("library", torch.float32, 8),
+                                        ("triton", torch.bfloat16, 10), ("library", None, 8),
+                                        ("triton-fp16", torch.bfloat16, 4),
+                                        ("triton-fp16", torch.float32, 8), ("triton-fp16", None, 4)]:
+        rows = triton_ops._distill_chunk_rows(n, vocab, cuda, source, dz_dtype)
+        assert rows == budget // (per_logit * vocab), (source, dz_dtype)
 
 
 def test_fp16_chunk_buffers(monkeypatch):

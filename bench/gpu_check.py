@@ -18,7 +18,8 @@ Sections (each recorded even when another fails):
    the self-distillation loss (JSD, forward and reverse KL, token weights) and the evidence
    epilogue; the 16-bit forward with TMA forced off too (on by default on Hopper), the
    log-prob, PPO and self-distillation gradients with the chunk logits from our GEMM too
-   (fp32, and fp16 with tile offsets); and one head
+   (fp32, and fp16 with tile offsets); the log-prob and PPO ops through torch.compile
+   (fullgraph, dynamic shapes); and one head
    with V x H > 2^31 elements (int64 offsets), checked against fp32 row chunks.
 3. timing at the target shapes (bf16, N 16k per context, H 2048, V 151,936): ours, the
    bare products, naive, Cut Cross-Entropy and Liger, through the benchmark harness
@@ -306,7 +307,19 @@ def correctness_cases(dry_run: bool) -> list[dict]:
             cases.append(dict(op="ppo_loss", dtype=dt, splits=None, logits_gemm=source))
             cases.append(dict(op="self_distill", dtype=dt, splits=None, divergence="jsd",
                               logits_gemm=source))
+    # through torch.compile (fullgraph, dynamic N): the custom ops' fake implementations
+    # and autograd formulas on this device
+    for op in ("logprobs", "ppo_loss"):
+        cases.append(dict(op=op, dtype="bf16", splits=None, compiled=True))
     return cases
+
+
+def _maybe_compiled(fn, case):
+    """fn, or fn through torch.compile (aot_eager: no codegen to wait for) for a case
+    with ``compiled``."""
+    if not case.get("compiled"):
+        return fn
+    return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
 
 
 def _one_case(case, device, backend, shape):
@@ -324,8 +337,8 @@ def _one_case(case, device, backend, shape):
     try:
         errs = {}
         if case["op"] == "logprobs":
-            out = ck.fused_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True,
-                                    backend=backend)
+            out = _maybe_compiled(ck.fused_logprobs, case)(hidden, weight, targets, temperature=0.7,
+                                                           return_entropy=True, backend=backend)
             ref = reference.fused_logprobs(hidden, weight, targets, temperature=0.7,
                                            return_entropy=True)
             for name, a, b in zip(("logprobs", "logsumexp", "entropy"), out, ref):
@@ -363,8 +376,8 @@ def _one_case(case, device, backend, shape):
             kw = dict(temperature=0.7, return_entropy=True)
             if case["op"] == "ppo_loss_dual_weighted":  # dual clip and sequence-mean style weights
                 kw.update(clip_dual=3.0, token_weights=torch.linspace(0.2, 2.0, n, device=device))
-            loss, _ = ck.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
-                                               backend=backend, **kw)
+            loss, _ = _maybe_compiled(ck.fused_linear_ppo_loss, case)(
+                hidden, weight, targets, old, adv, mask, backend=backend, **kw)
             ref_loss, _ = reference.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, **kw)
             errs["loss"] = _rel(loss, ref_loss)
             got = torch.autograd.grad(loss, [hidden, weight])
@@ -385,6 +398,8 @@ def _one_case(case, device, backend, shape):
         label = "triton, TMA off"
     if backend == "triton" and "logits_gemm" in case:
         label = f"triton, chunk logits: {case['logits_gemm']}"
+    if case.get("compiled"):
+        label = f"{backend}, torch.compile"
     return dict(case, backend=label, errors=errs, worst=worst, tol=tol,
                 status="ok" if worst <= tol else "FAIL")
 

@@ -34,13 +34,27 @@ def data_checks(device: torch.device) -> bool:
     return _debug if _debug is not None else device.type == "cpu"
 
 
+def _number(value) -> float | None:
+    """value if it is a real number (bools are not), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def _finite(v) -> bool:
+    """math.isfinite by comparisons, which torch.compile can also trace on a symbolic
+    float (a default argument under ``dynamic=True``); NaN fails them all."""
+    return -math.inf < v < math.inf
+
+
 def _fail(name: str, problem: str, fix: str = "") -> None:
     raise ValueError(f"cepo_kernels: argument '{name}' {problem}" + (f"; {fix}" if fix else ""))
 
 
 def check_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                temperature: float, *, hidden_name: str = "hidden") -> None:
-    """Check hidden [N, H], weight [V, H], targets [N] int64 in [0, V) or IGNORE_INDEX."""
+    """Check hidden [N, H], weight [V, H], targets [N] int64 (shapes, dtypes, devices; the
+    targets' values: ``check_target_values``)."""
     for name, t in ((hidden_name, hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             _fail(name, f"must be a torch.Tensor, got {type(t).__name__}")
@@ -63,10 +77,15 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     for name, t in ((hidden_name, hidden), ("targets", targets)):
         if t.device != weight.device:
             _fail(name, f"is on {t.device} but weight is on {weight.device}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    t = _number(temperature)
+    if t is None or not (_finite(t) and t > 0):
         _fail("temperature", f"must be a finite number > 0, got {temperature!r}")
+
+
+def check_target_values(targets: torch.Tensor, vocab: int) -> None:
+    """Check targets hold ids in [0, vocab) or IGNORE_INDEX: a data check (``data_checks``),
+    run where the work happens (inside the custom ops, so under torch.compile too)."""
     if targets.numel() and data_checks(targets.device):
-        vocab = weight.shape[0]
         bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):
             first = int(targets[bad][0])
@@ -103,14 +122,15 @@ def check_same_as(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str
 
 def check_range(name: str, value: float, low: float, high: float) -> None:
     """Check low <= value <= high (finite)."""
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+    v = _number(value)
+    if v is None or not (_finite(v) and low <= v <= high):
         _fail(name, f"must be a number in [{low}, {high}], got {value!r}")
 
 
 def check_above(name: str, value: float, low: float, hint: str = "") -> None:
     """Check value > low (finite)."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > low):
+    v = _number(value)
+    if v is None or not (_finite(v) and v > low):
         _fail(name, f"must be a finite number > {low}, got {value!r}", hint)
 
 

@@ -1,4 +1,5 @@
-"""The public ops: validate, then dispatch to Triton, chunked PyTorch or the reference."""
+"""The public ops: validate, then dispatch to Triton or chunked PyTorch (custom ops, see
+_autograd) or the reference."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     _validate.check_head(hidden, weight, targets, temperature)
     engine = _engine(weight.device, backend)
     if engine is None:
+        _validate.check_target_values(targets, weight.shape[0])
         return reference.fused_logprobs(hidden, weight, targets, temperature=temperature,
                                         return_entropy=return_entropy)
     return _autograd.fused_logprobs(engine, hidden, weight, targets, temperature=temperature,
@@ -64,9 +66,14 @@ def contrastive_evidence(h_policy: torch.Tensor, h_pos: torch.Tensor, h_neg: tor
     _validate.check_range("lam", lam, 0.0, 1.0)
     _validate.check_range("eps_w", eps_w, 0.0, 1.0)
     engine = _engine(weight.device, backend)
-    return (engine or reference).contrastive_evidence(
-        h_policy, h_pos, h_neg, weight, targets, advantages, has_negative,
-        lam=float(lam), eps_w=float(eps_w), temperature=temperature)
+    if engine is None:
+        _validate.check_target_values(targets, weight.shape[0])
+        return reference.contrastive_evidence(h_policy, h_pos, h_neg, weight, targets, advantages,
+                                              has_negative, lam=float(lam), eps_w=float(eps_w),
+                                              temperature=temperature)
+    return _autograd.contrastive_evidence(engine, h_policy, h_pos, h_neg, weight, targets,
+                                          advantages, has_negative, lam=lam, eps_w=eps_w,
+                                          temperature=temperature)
 
 
 def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -120,6 +127,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                    token_weights=token_weights)
     engine = _engine(weight.device, backend)
     if engine is None:
+        _validate.check_target_values(targets, weight.shape[0])
         return reference.fused_linear_ppo_loss(hidden, weight, targets, old_logprobs,
                                                token_advantages, mask, **options)
     return _autograd.fused_linear_ppo_loss(engine, hidden, weight, targets, old_logprobs,
@@ -164,6 +172,7 @@ def fused_linear_self_distill_loss(h_student: torch.Tensor, h_teacher: torch.Ten
     beta = float(beta)
     engine = _engine(weight.device, backend)
     if engine is None:
+        _validate.check_target_values(targets, weight.shape[0])
         return reference.fused_linear_self_distill_loss(
             h_student, h_teacher, weight, targets, mask, divergence=divergence, beta=beta,
             temperature=temperature, normalizer=normalizer, token_weights=token_weights)

@@ -65,7 +65,29 @@ FACTORIES = {aten.zeros, aten.empty, aten.full, aten.zeros_like, aten.empty_like
              aten.full_like, aten.new_zeros, aten.new_empty, aten.new_full, aten.empty_strided}
 
 
-class BuffersMade(TorchDispatchMode):
+class OpsInside(TorchDispatchMode):
+    """A dispatch mode that sees every op, those inside cepo_kernels' custom ops included.
+
+    A mode sees a custom op (``cepo_kernels::ppo_loss``, ...) as one call and runs it with
+    the mode off; this one runs the op's Python implementation under the mode instead, so
+    the recorders below see the engines' buffers, products and host reads. Subclasses
+    implement ``seen(func, args, out)``, called for every other op after it ran."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "cepo_kernels":
+            from torch._library.custom_ops import _maybe_get_opdef
+            with self:
+                return _maybe_get_opdef(func)._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.seen(func, args, out)
+        return out
+
+    def seen(self, func, args, out) -> None:
+        raise NotImplementedError
+
+
+class BuffersMade(OpsInside):
     """Records (shape, dtype) of every tensor allocated by a factory (zeros, empty, ...):
     the engines' buffers, not the temporaries of arithmetic (the Triton engine's CPU
     stand-in for the fp32-output GEMM upcasts the weight per chunk, a test-only path)."""
@@ -74,8 +96,6 @@ class BuffersMade(TorchDispatchMode):
         super().__init__()
         self.made = []  # in order, repeats kept (how many chunks of a kind)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def seen(self, func, args, out):
         if func.overloadpacket in FACTORIES and isinstance(out, torch.Tensor):
             self.made.append((tuple(out.shape), out.dtype))
-        return out

@@ -83,6 +83,8 @@ def test_dry_run_end_to_end(gpu_check, tmp_path):
                                        "self_distill"}
     assert {r["divergence"] for r in corr if r["op"] == "self_distill"} == {
         "jsd", "forward_kl", "reverse_kl"}
+    assert {(r["op"], r["backend"]) for r in corr if r.get("compiled")} >= {
+        ("logprobs", "torch, torch.compile"), ("ppo_loss", "torch, torch.compile")}
     if any(r["backend"] == "triton" for r in corr):  # the interpreter: the variants too
         assert {(r["op"], r["dtype"]) for r in corr if r["backend"] == "triton, TMA off"} == {
             ("logprobs", "bf16"), ("evidence", "bf16")}

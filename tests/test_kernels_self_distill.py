@@ -317,7 +317,7 @@ def test_no_host_read_with_cuda_settings(monkeypatch):
     monkeypatch.setattr(chunked, "SKIP_ZERO_ROWS", False)
     with SyncRecorder() as rec:
         _run_new_options(_new_option_inputs("cpu"), "torch")
-    assert rec.seen == [], f"ops that would block the host on CUDA: {sorted(set(rec.seen))}"
+    assert rec.reads == [], f"ops that would block the host on CUDA: {sorted(set(rec.reads))}"
 
 
 @pytest.mark.cuda

@@ -500,9 +500,10 @@ VARIANTS = {  # op -> (label, ((module in cepo_kernels, setting, value), ...)); 
 }
 """Engine choices that only a GPU can settle, timed against each other at the timing shape
 (bf16), with their peak extra memory: the forward's tile loads, where the gradient chunks'
-logits come from (the PPO loss's and the self-distillation loss's), and the memory-lean gradient path (dW accumulated in the bf16 gradient,
-a quarter of the chunk budget: no 1.24 GB fp32 accumulator at V 151,936, H 2048) that the
-issue's 2%-of-naive memory target needs."""
+logits come from (the PPO loss's and the self-distillation loss's), and the memory-lean
+gradient path (dW accumulated in the bf16 gradient, a quarter of the chunk budget: no
+1.24 GB fp32 accumulator at V 151,936, H 2048) that the issue's 2%-of-naive memory target
+needs."""
 
 
 @contextlib.contextmanager
@@ -524,8 +525,8 @@ def engine_settings(settings):
 
 
 def variant_timing(device, shape, op) -> list[dict]:
-    """``op`` (evidence | ppo_loss | self_distill, bf16) under each of its VARIANTS: time and peak extra
-    memory; every row after the first notes its time ratio to the first."""
+    """``op`` (evidence | ppo_loss | self_distill, bf16) under each of its VARIANTS: time and
+    peak extra memory; every row after the first notes its time ratio to the first."""
     if device.type != "cuda":
         return [dict(op=op, contender="ours, engine variants", status="skipped",
                      note="no CUDA (dry run)")]

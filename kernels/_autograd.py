@@ -63,6 +63,12 @@ def _grad_or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
     return grad if grad is not None else like.new_empty(0)
 
 
+def _fake_grads(hidden: Tensor, weight: Tensor, need_h: bool, need_w: bool):
+    """The fake (dh, dW) outputs: like hidden / weight where wanted, else empty [0]."""
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0))
+
+
 def _ids(targets: Tensor) -> tuple[Tensor, Tensor]:
     """(y, valid): valid token ids (ignored positions set to 0) and where targets are kept."""
     valid = targets != IGNORE_INDEX
@@ -144,8 +150,7 @@ def _logprobs_backward_impl(hidden: Tensor, weight: Tensor, y: Tensor, lse: Tens
 
 
 def _logprobs_backward_fake(hidden, weight, y, lse, a, b, c, temperature, engine, need_h, need_w):
-    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-            torch.empty_like(weight) if need_w else weight.new_empty(0))
+    return _fake_grads(hidden, weight, need_h, need_w)
 
 
 LOGPROBS_BACKWARD = _register("logprobs_backward", _logprobs_backward_impl,
@@ -271,8 +276,7 @@ def _ppo_loss_fake(hidden, weight, targets, old_logprobs, token_advantages, mask
     acc = _acc(weight)
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(7, dtype=acc),
             hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-            torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-            torch.empty_like(weight) if need_w else weight.new_empty(0))
+            *_fake_grads(hidden, weight, need_h, need_w))
 
 
 def _scale(grad: Tensor, grad_output: Tensor) -> Tensor:
@@ -353,8 +357,7 @@ def _self_distill_loss_fake(h_student, h_teacher, weight, targets, mask, token_w
     acc, n = _acc(weight), h_student.shape[0]
     return (h_student.new_empty((), dtype=acc), h_student.new_empty(3, dtype=acc),
             h_student.new_empty(n, dtype=torch.float32), h_student.new_empty(n, dtype=torch.float32),
-            torch.empty_like(h_student) if need_h else h_student.new_empty(0),
-            torch.empty_like(weight) if need_w else weight.new_empty(0))
+            *_fake_grads(h_student, weight, need_h, need_w))
 
 
 def _distill_setup(ctx, inputs, output):

@@ -304,13 +304,18 @@ class _Chunk(typing.NamedTuple):
     block: int = 1
 
 
+def _rows_in_budget(n: int, vocab: int, device: torch.device, bytes_per_logit: int) -> int:
+    """Rows per gradient chunk: on CUDA as many as GPU_CHUNK_BYTES holds at
+    ``bytes_per_logit``; elsewhere the chunked engine's rows (tests, the interpreter)."""
+    if device.type == "cuda":
+        return max(1, min(n, GPU_CHUNK_BYTES // (bytes_per_logit * max(1, vocab))))
+    return chunked.rows_per_chunk(n, vocab)
+
+
 def _chunk_rows(n: int, vocab: int, device: torch.device, source: str = "library") -> int:
     """Rows per gradient chunk: the CUDA budget holds fp32 logits plus a 16-bit dz (6 bytes
     a logit), or the fp16 chunk with dz in place (2 bytes, 'triton-fp16')."""
-    if device.type == "cuda":
-        per_logit = 2 if source == "triton-fp16" else 6
-        return max(1, min(n, GPU_CHUNK_BYTES // (per_logit * max(1, vocab))))
-    return chunked.rows_per_chunk(n, vocab)
+    return _rows_in_budget(n, vocab, device, 2 if source == "triton-fp16" else 6)
 
 
 def _chunk_stats(head, r0, r1, y_raw, temperature, with_entropy, source):
@@ -473,11 +478,9 @@ def _distill_chunk_rows(n, vocab, device, source, dz_dtype) -> int:
     """Rows per self-distillation chunk: the CUDA budget holds the student's and the
     teacher's chunks (fp32, or fp16 with offsets for 'triton-fp16') and dz where it cannot
     be written in place (dz_dtype None: no gradient)."""
-    if device.type != "cuda":
-        return chunked.rows_per_chunk(n, vocab)
     z_bytes = 2 if source == "triton-fp16" else 4
     dz_bytes = 0 if dz_dtype is None or dz_dtype.itemsize == z_bytes else dz_dtype.itemsize
-    return max(1, min(n, GPU_CHUNK_BYTES // ((2 * z_bytes + dz_bytes) * max(1, vocab))))
+    return _rows_in_budget(n, vocab, device, 2 * z_bytes + dz_bytes)
 
 
 def _offset_args(student: _Chunk, teacher: _Chunk, dummy: torch.Tensor) -> dict:

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+
 import cepo_kernels as ck
 from cepo_kernels import chunked
 from kernel_cases import OpsInside, head_inputs
